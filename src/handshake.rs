@@ -1,0 +1,1 @@
+//! HTTP/1.1 WebSocket upgrade: incremental head reading, validation, header rewriting.

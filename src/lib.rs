@@ -1,0 +1,40 @@
+//! portcullis: a small, fast reverse proxy for WebSocket and raw TCP traffic, on smol.
+//!
+//! The map:
+//!
+//! - [`net`]: the runtime seam ([`Net`], [`Listener`]) and its smol implementation
+//!   ([`SmolNet`]). Every flow is generic over it, so the same code runs under turmoil in `sim/`.
+//! - [`relay`]: the bidirectional copy of an established tunnel ([`Relay`]).
+//! - [`balancer`]: backend pools and selection ([`Pool`], [`Backend`]).
+//! - [`tcp`]: the L4 flow and its builder ([`TcpProxy`]).
+//! - [`config`]: the TOML file ([`Config`]) and its validation.
+//! - `server`: the accept loop shared by every flow: back-off, spawning, drain.
+//! - [`Error`]: the one error type.
+//!
+//! # Examples
+//!
+//! ```no_run
+//! portcullis::TcpProxy::new(["127.0.0.1:6379"]).bind("127.0.0.1:6380")?;
+//! # Ok::<(), portcullis::Error>(())
+//! ```
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
+
+mod log;
+
+pub mod balancer;
+pub mod config;
+mod error;
+pub mod handshake;
+pub mod net;
+pub mod relay;
+mod server;
+pub mod tcp;
+
+pub use balancer::{Backend, Pool};
+pub use config::Config;
+pub use error::Error;
+pub use net::{Listener, Net, SmolListener, SmolNet};
+pub use relay::{Relay, Report, Side};
+pub use tcp::TcpProxy;

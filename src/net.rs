@@ -1,0 +1,167 @@
+//! The runtime seam: what the flows need from a runtime, and its smol implementation.
+//!
+//! Every flow in this crate (accept loop, TCP flow, WebSocket flow, timeouts) is generic over
+//! [`Net`]. The smol implementation below is what the binary and the library use; `sim/` has a
+//! turmoil implementation so the very same code runs in simulated time. Nothing outside this
+//! module calls smol, async-io or async-net directly, and every wait goes through
+//! [`Net::sleep`]: a real timer inside turmoil would break determinism.
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_lite::{AsyncRead, AsyncWrite};
+
+/// A bound listener that hands out accepted streams.
+///
+/// The methods return `impl Future + Send` rather than being `async fn`, so that the futures stay
+/// `Send` when they are spawned from generic code such as the accept loop.
+pub trait Listener: Send + Sync + 'static {
+    /// The stream an accepted connection is read and written through.
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+
+    /// Waits for the next connection and returns it with the peer's address.
+    fn accept(&self) -> impl Future<Output = io::Result<(Self::Stream, SocketAddr)>> + Send;
+
+    /// The address this listener is bound to (useful after binding port 0).
+    fn local_addr(&self) -> io::Result<SocketAddr>;
+}
+
+/// The runtime a flow runs on: sockets, a clock and a spawner.
+pub trait Net: Clone + Send + Sync + 'static {
+    /// The stream type of both accepted and outgoing connections.
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// The listener type [`Net::bind`] returns.
+    type Listener: Listener<Stream = Self::Stream>;
+
+    /// Binds a listener to `addr` (`"host:port"`).
+    fn bind(&self, addr: &str) -> impl Future<Output = io::Result<Self::Listener>> + Send;
+
+    /// Connects to `addr` (`"host:port"`), resolving a host name at this moment, so a backend's
+    /// DNS changes are picked up by the next connection.
+    fn connect(&self, addr: &str) -> impl Future<Output = io::Result<Self::Stream>> + Send;
+
+    /// Completes after `d` has passed on this runtime's clock.
+    fn sleep(&self, d: Duration) -> impl Future<Output = ()> + Send;
+
+    /// The current instant on this runtime's clock (simulated time under turmoil), for
+    /// durations in logs and deadlines.
+    fn now(&self) -> Instant;
+
+    /// Runs `f` in the background.
+    fn spawn<F: Future<Output = ()> + Send + 'static>(&self, f: F);
+}
+
+/// Runs `work`, or fails with [`io::ErrorKind::TimedOut`] once `d` has passed on `net`'s clock.
+///
+/// `work` is polled first, so a result that is ready at the deadline still wins; the poll order is
+/// fixed, which keeps simulations deterministic.
+pub async fn timeout<N: Net, T>(
+    net: &N,
+    d: Duration,
+    work: impl Future<Output = io::Result<T>>,
+) -> io::Result<T> {
+    futures_lite::future::or(work, async {
+        net.sleep(d).await;
+        Err(io::Error::new(io::ErrorKind::TimedOut, "timed out"))
+    })
+    .await
+}
+
+/// The smol implementation of [`Net`].
+///
+/// It spawns onto the executor it was given rather than a global one, so an application that
+/// embeds the proxy keeps control of its threads.
+///
+/// # Examples
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use portcullis::SmolNet;
+///
+/// let ex = Arc::new(smol::Executor::new());
+/// let net = SmolNet::new(ex.clone());
+/// # let _ = net;
+/// ```
+#[derive(Clone)]
+pub struct SmolNet {
+    executor: Arc<smol::Executor<'static>>,
+}
+
+impl SmolNet {
+    /// A runtime that spawns connection tasks onto `executor`.
+    pub fn new(executor: Arc<smol::Executor<'static>>) -> Self {
+        SmolNet { executor }
+    }
+}
+
+impl fmt::Debug for SmolNet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SmolNet").finish_non_exhaustive()
+    }
+}
+
+/// A listener of [`SmolNet`]: an `async_net::TcpListener` that sets `TCP_NODELAY` on every
+/// accepted stream, because a proxy that holds back small writes adds a round trip to every
+/// message (Nagle's algorithm against delayed ACKs).
+#[derive(Debug)]
+pub struct SmolListener(async_net::TcpListener);
+
+impl SmolListener {
+    /// Wraps an already-bound listener, e.g. one bound to port 0 by a test.
+    pub fn new(listener: async_net::TcpListener) -> Self {
+        SmolListener(listener)
+    }
+}
+
+impl From<async_net::TcpListener> for SmolListener {
+    fn from(listener: async_net::TcpListener) -> Self {
+        SmolListener(listener)
+    }
+}
+
+impl Listener for SmolListener {
+    // async_net's stream: its poll_close shuts down the write half (a FIN), which half-close needs.
+    type Stream = async_net::TcpStream;
+
+    async fn accept(&self) -> io::Result<(Self::Stream, SocketAddr)> {
+        let (stream, peer) = self.0.accept().await?;
+        // Failing to set the option only costs latency; the connection is still good.
+        let _ = stream.set_nodelay(true);
+        Ok((stream, peer))
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.0.local_addr()
+    }
+}
+
+impl Net for SmolNet {
+    type Stream = async_net::TcpStream;
+    type Listener = SmolListener;
+
+    async fn bind(&self, addr: &str) -> io::Result<SmolListener> {
+        async_net::TcpListener::bind(addr).await.map(SmolListener)
+    }
+
+    async fn connect(&self, addr: &str) -> io::Result<async_net::TcpStream> {
+        let stream = async_net::TcpStream::connect(addr).await?;
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
+    async fn sleep(&self, d: Duration) {
+        smol::Timer::after(d).await;
+    }
+
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+
+    fn spawn<F: Future<Output = ()> + Send + 'static>(&self, f: F) {
+        self.executor.spawn(f).detach();
+    }
+}

@@ -1,0 +1,163 @@
+//! The listener loop: accept, spawn one task per connection, back off on accept errors, and on
+//! shutdown stop accepting and let established connections drain.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_lite::future;
+
+use crate::log::{info, warn};
+use crate::net::{Listener, Net, SmolListener, SmolNet};
+use crate::Error;
+
+/// The first pause after an accept error that means the process is out of a resource
+/// (descriptors, buffers). Short, because a descriptor is often freed within milliseconds.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
+
+/// The longest pause between accept attempts while resources stay exhausted: long enough not to
+/// spin, short enough to serve again within a second of a descriptor freeing up.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// How often the drain checks whether the last connection has ended. Only runs after shutdown.
+const DRAIN_POLL: Duration = Duration::from_millis(10);
+
+/// Counts a connection as live for as long as it exists, including when its task is dropped.
+struct LiveGuard(Arc<AtomicUsize>);
+
+impl LiveGuard {
+    fn new(live: &Arc<AtomicUsize>) -> Self {
+        live.fetch_add(1, Ordering::Relaxed);
+        LiveGuard(live.clone())
+    }
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Whether an accept error means the process ran out of a resource, so retrying at once would
+/// spin: EMFILE, ENFILE, ENOBUFS, ENOMEM. Anything else (a connection reset before it was
+/// accepted, say) concerns one connection only.
+fn is_exhaustion(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(23 | 24 | 105 | 12)) || e.kind() == io::ErrorKind::OutOfMemory
+}
+
+/// Accepts connections on `listener` and runs `handle` for each on its own task, until
+/// `shutdown` completes; then waits up to `drain` for live connections to end.
+///
+/// Returns how many connections were still live when it stopped waiting.
+pub(crate) async fn accept_loop<N, H, F>(
+    net: &N,
+    listener: &N::Listener,
+    shutdown: impl Future<Output = ()>,
+    drain: Duration,
+    handle: H,
+) -> usize
+where
+    N: Net,
+    H: Fn(N::Stream, SocketAddr) -> F,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let live = Arc::new(AtomicUsize::new(0));
+    let mut shutdown = pin!(shutdown);
+    let mut backoff = ACCEPT_BACKOFF_MIN;
+    loop {
+        let accepted = future::or(async { Some(listener.accept().await) }, async {
+            (&mut shutdown).await;
+            None
+        })
+        .await;
+        match accepted {
+            None => break,
+            Some(Ok((stream, peer))) => {
+                backoff = ACCEPT_BACKOFF_MIN;
+                let guard = LiveGuard::new(&live);
+                let conn = handle(stream, peer);
+                net.spawn(async move {
+                    conn.await;
+                    drop(guard);
+                });
+            }
+            Some(Err(e)) if is_exhaustion(&e) => {
+                warn!("accept failed, retrying in {}ms: {e}", backoff.as_millis());
+                net.sleep(backoff).await;
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+            }
+            Some(Err(e)) => warn!("accept failed: {e}"),
+        }
+    }
+    let idle = async {
+        while live.load(Ordering::Relaxed) > 0 {
+            net.sleep(DRAIN_POLL).await;
+        }
+    };
+    future::or(idle, net.sleep(drain)).await;
+    live.load(Ordering::Relaxed)
+}
+
+/// Binds `addr` on `net`, naming the address in the error.
+pub(crate) async fn bind<N: Net>(net: &N, addr: &str) -> Result<N::Listener, Error> {
+    net.bind(addr).await.map_err(|source| Error::Bind {
+        addr: addr.to_string(),
+        source,
+    })
+}
+
+/// Runs `serve` on a smol executor driven by this thread and, to use the machine's other cores,
+/// by `available_parallelism() - 1` more threads. Blocks until `serve` completes.
+pub(crate) fn block_on<F, Fut>(serve: F) -> Result<(), Error>
+where
+    F: FnOnce(SmolNet) -> Fut,
+    Fut: Future<Output = Result<(), Error>>,
+{
+    let ex = Arc::new(smol::Executor::new());
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) - 1;
+    let (stop, stopped) = smol::channel::bounded::<()>(1);
+    for i in 0..threads {
+        let ex = ex.clone();
+        let stopped = stopped.clone();
+        std::thread::Builder::new()
+            .name(format!("portcullis-{i}"))
+            .spawn(move || smol::block_on(ex.run(stopped.recv())))
+            .map_err(Error::Io)?;
+    }
+    let result = smol::block_on(ex.run(serve(SmolNet::new(ex.clone()))));
+    drop(stop);
+    result
+}
+
+/// Runs `serve` with a [`SmolNet`] whose tasks are driven by the future this returns, so it
+/// works inside any executor the caller already has.
+pub(crate) async fn run_inline<F, Fut>(
+    listener: async_net::TcpListener,
+    serve: F,
+) -> Result<(), Error>
+where
+    F: FnOnce(SmolNet, SmolListener) -> Fut,
+    Fut: Future<Output = Result<(), Error>>,
+{
+    let ex = Arc::new(smol::Executor::new());
+    ex.run(serve(SmolNet::new(ex.clone()), SmolListener::new(listener)))
+        .await
+}
+
+/// Logs that a listener is up.
+pub(crate) fn log_listening(
+    kind: &str,
+    name: &str,
+    addr: io::Result<SocketAddr>,
+    backends: &[String],
+) {
+    let addr = addr.map_or_else(|e| format!("?({e})"), |a| a.to_string());
+    info!(
+        "listening kind={kind} name={name} addr={addr} backends={}",
+        backends.join(",")
+    );
+}
