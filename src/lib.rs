@@ -37,4 +37,5 @@ pub use config::Config;
 pub use error::Error;
 pub use net::{Listener, Net, SmolListener, SmolNet};
 pub use relay::{Relay, Report, Side};
+pub use server::run;
 pub use tcp::TcpProxy;

@@ -1,1 +1,178 @@
-fn main() {}
+//! The `portcullis` command: run a config file, check one, or start a one-off proxy from flags.
+
+use std::process::ExitCode;
+
+use argh::FromArgs;
+use portcullis::{Config, Error, TcpProxy};
+
+/// A small, fast reverse proxy for WebSocket and raw TCP traffic.
+#[derive(FromArgs, Debug)]
+struct Cli {
+    /// run every section of this TOML config file
+    #[argh(option, short = 'c')]
+    config: Option<String>,
+
+    /// print the version and exit
+    #[argh(switch, short = 'V')]
+    version: bool,
+
+    #[argh(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+enum Command {
+    Check(Check),
+    Tcp(Tcp),
+    Demo(Demo),
+}
+
+/// Validate a config file and print what would run; exit 2 if it is invalid.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "check")]
+struct Check {
+    /// the TOML config file to check
+    #[argh(option, short = 'c')]
+    config: String,
+}
+
+/// Run a one-off TCP proxy.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "tcp")]
+struct Tcp {
+    /// address to listen on, host:port
+    #[argh(option)]
+    listen: String,
+
+    /// a backend, host:port (repeat for several; round robin with failover)
+    #[argh(option)]
+    backend: Vec<String>,
+
+    /// connect timeout per backend in milliseconds (default 5000)
+    #[argh(option, default = "portcullis::tcp::DEFAULT_CONNECT_TIMEOUT_MS")]
+    connect_timeout_ms: u64,
+}
+
+/// Start a built-in echo backend with a TCP proxy in front of it, and show how to connect.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "demo")]
+struct Demo {
+    /// address the proxy listens on (default 127.0.0.1:7000)
+    #[argh(option, default = "String::from(\"127.0.0.1:7000\")")]
+    listen: String,
+}
+
+/// Exit status for a usage or configuration error, as most Unix tools use.
+const EXIT_USAGE: u8 = 2;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    let name = args
+        .first()
+        .map_or("portcullis", |s| s.rsplit('/').next().unwrap_or(s));
+    let rest: Vec<&str> = args.iter().skip(1).map(String::as_str).collect();
+    let cli = match Cli::from_args(&[name], &rest) {
+        Ok(cli) => cli,
+        Err(early) => {
+            // `--help` is a success; anything else is a usage error.
+            return match early.status {
+                Ok(()) => {
+                    println!("{}", early.output);
+                    ExitCode::SUCCESS
+                }
+                Err(()) => {
+                    eprintln!("{}\nRun {name} --help for usage.", early.output.trim_end());
+                    ExitCode::from(EXIT_USAGE)
+                }
+            };
+        }
+    };
+    if cli.version {
+        println!("portcullis {}", env!("CARGO_PKG_VERSION"));
+        return ExitCode::SUCCESS;
+    }
+    let result = match (cli.command, cli.config) {
+        (Some(_), Some(_)) => usage(name, "--config goes with no subcommand (or after `check`)"),
+        (None, None) => usage(
+            name,
+            "give --config FILE, or a subcommand: check, tcp, demo",
+        ),
+        (None, Some(file)) => Config::load(&file).and_then(portcullis::run),
+        (Some(Command::Check(c)), None) => check(&c.config),
+        (Some(Command::Tcp(t)), None) => tcp(t),
+        (Some(Command::Demo(d)), None) => demo(&d.listen),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e @ Error::Config(_)) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_USAGE)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn usage(name: &str, why: &str) -> Result<(), Error> {
+    Err(Error::Config(format!("{why}; run {name} --help for usage")))
+}
+
+fn check(file: &str) -> Result<(), Error> {
+    let config = Config::load(file)?;
+    println!("{file}: ok, {} listener(s)", config.listeners());
+    print!("{config}");
+    Ok(())
+}
+
+fn tcp(t: Tcp) -> Result<(), Error> {
+    // The flags go through the same validation as a config file, so both give the same messages.
+    let mut toml = format!("[[tcp_proxy]]\nlisten = {:?}\nbackends = [", t.listen);
+    for (i, b) in t.backend.iter().enumerate() {
+        toml += &format!("{}{b:?}", if i == 0 { "" } else { ", " });
+    }
+    toml += &format!("]\nconnect_timeout_ms = {}\n", t.connect_timeout_ms);
+    let config = Config::parse(&toml, "command line").map_err(|e| {
+        // Speak of flags, not of the TOML the flags were turned into.
+        let msg = e.to_string();
+        let msg = msg.split_once(" #1, ").map_or(msg.as_str(), |(_, m)| m);
+        Error::Config(
+            msg.replace("field `backends`", "--backend")
+                .replace("field `listen`", "--listen")
+                .replace("field `connect_timeout_ms`", "--connect-timeout-ms"),
+        )
+    })?;
+    portcullis::run(config)
+}
+
+fn demo(listen: &str) -> Result<(), Error> {
+    let echo = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let echo_addr = echo.local_addr()?;
+    std::thread::spawn(move || {
+        smol::block_on(async {
+            let echo = async_net::TcpListener::try_from(echo).expect("a bound listener");
+            loop {
+                let Ok((stream, _)) = echo.accept().await else {
+                    continue;
+                };
+                smol::spawn(async move {
+                    let mut writer = stream.clone();
+                    let _ = futures_lite::io::copy(stream, &mut writer).await;
+                    let _ = futures_lite::AsyncWriteExt::close(&mut writer).await;
+                })
+                .detach();
+            }
+        })
+    });
+    eprintln!(
+        "portcullis demo: an echo server on {echo_addr}, and the proxy in front of it on {listen}.\n\
+         Try it from another terminal:  nc {}   (type a line; it comes back through the proxy)\n\
+         Stop with Ctrl-C.",
+        listen.replace(':', " ")
+    );
+    TcpProxy::new([echo_addr.to_string()])
+        .name("demo")
+        .bind(listen)
+}

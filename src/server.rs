@@ -161,3 +161,39 @@ pub(crate) fn log_listening(
         backends.join(",")
     );
 }
+
+/// Runs every section of `config` until the process ends: binds every listener first, so a
+/// busy address fails start-up as a whole (naming the address), then serves them all on one
+/// executor spread over the machine's cores.
+pub fn run(config: crate::Config) -> Result<(), Error> {
+    if let Some(ws) = config.ws_proxy.first() {
+        return Err(Error::Config(format!(
+            "ws_proxy {:?}: WebSocket sections are not supported by this build yet; run them with a \
+             [[tcp_proxy]] section or remove the section",
+            ws.name
+        )));
+    }
+    block_on(|net| async move {
+        let mut listeners = Vec::new();
+        for section in &config.tcp_proxy {
+            listeners.push(bind(&net, &section.listen).await?);
+        }
+        // Each listener runs on its own task; the first to fail ends the process.
+        let (done, finished) = smol::channel::unbounded();
+        for (section, listener) in config.tcp_proxy.into_iter().zip(listeners) {
+            let proxy = crate::TcpProxy::new(section.backends)
+                .name(section.name)
+                .connect_timeout_ms(section.connect_timeout_ms);
+            let serve = proxy.serve_with(net.clone(), listener, future::pending());
+            let done = done.clone();
+            net.spawn(async move {
+                let _ = done.send(serve.await).await;
+            });
+        }
+        drop(done);
+        while let Ok(result) = finished.recv().await {
+            result?;
+        }
+        Ok(())
+    })
+}
