@@ -16,17 +16,59 @@ use crate::Error;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Backend {
     addr: String,
+    /// For a WebSocket backend written `ws://host:port/path`: the path prefix put in front of
+    /// every request path sent to it. Empty otherwise.
+    path: String,
 }
 
 impl Backend {
     /// A backend at `addr` (`host:port`).
     pub fn new(addr: impl Into<String>) -> Self {
-        Backend { addr: addr.into() }
+        Backend {
+            addr: addr.into(),
+            path: String::new(),
+        }
     }
 
-    /// The address as configured.
+    /// A WebSocket backend: `host:port`, or `ws://host[:port][/path]` (port 80 by default).
+    pub fn parse_ws(spec: &str) -> Result<Self, String> {
+        if spec.starts_with("wss://") {
+            return Err("wss:// backends need TLS, which this build does not support yet".into());
+        }
+        let Some(rest) = spec.strip_prefix("ws://") else {
+            crate::config::check_addr(spec, false)?;
+            return Ok(Backend::new(spec));
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
+            None => (rest, ""),
+        };
+        if path.contains(['?', '#', ' ']) {
+            return Err("the path may not hold a query, fragment or space".into());
+        }
+        let has_port = authority
+            .rsplit_once(':')
+            .is_some_and(|(h, _)| !h.ends_with(':') && !authority.ends_with(']'));
+        let addr = if has_port {
+            authority.to_string()
+        } else {
+            format!("{authority}:80")
+        };
+        crate::config::check_addr(&addr, false)?;
+        Ok(Backend {
+            addr,
+            path: path.to_string(),
+        })
+    }
+
+    /// The address as configured: `host:port`.
     pub fn addr(&self) -> &str {
         &self.addr
+    }
+
+    /// The path prefix of a `ws://host:port/path` backend; empty when there is none.
+    pub fn path(&self) -> &str {
+        &self.path
     }
 }
 
@@ -127,6 +169,28 @@ mod tests {
             counts[first as usize] += 1;
         }
         assert_eq!(counts, [100, 100, 100]);
+    }
+
+    #[test]
+    fn websocket_backends() {
+        let cases: &[(&str, Option<(&str, &str)>)] = &[
+            ("chat:9000", Some(("chat:9000", ""))),
+            ("ws://chat:9000", Some(("chat:9000", ""))),
+            ("ws://chat", Some(("chat:80", ""))),
+            ("ws://chat:9000/", Some(("chat:9000", ""))),
+            ("ws://chat:9000/api/v1", Some(("chat:9000", "/api/v1"))),
+            ("ws://[::1]:9000/x", Some(("[::1]:9000", "/x"))),
+            ("ws://[::1]/x", Some(("[::1]:80", "/x"))),
+            ("wss://chat:443", None),
+            ("http://chat:80", None),
+            ("ws://chat:9000/a?b", None),
+            ("chat", None),
+        ];
+        for &(spec, want) in cases {
+            let got = Backend::parse_ws(spec).ok().map(|b| (b.addr, b.path));
+            let want = want.map(|(a, p)| (a.to_string(), p.to_string()));
+            assert_eq!(got, want, "{spec}");
+        }
     }
 
     #[test]

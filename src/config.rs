@@ -37,6 +37,15 @@ use crate::Error;
 /// in rws. It never applies to an established tunnel.
 pub const DEFAULT_READ_TIMEOUT_MS: u64 = 30_000;
 
+/// How long a backend may take to answer a WebSocket upgrade when none is configured: a backend
+/// that accepted the connection but has not answered in 5 s is not going to serve this client
+/// well, and the client should hear 504 rather than wait on.
+pub const DEFAULT_UPGRADE_TIMEOUT_MS: u64 = 5_000;
+
+/// The largest request head accepted when none is configured, as in nginx's default
+/// `client_header_buffer_size`-plus-one-large-buffer range: real browsers send 1–4 KiB.
+pub const DEFAULT_MAX_REQUEST_HEAD_BYTES: usize = 8192;
+
 /// A validated configuration: every section is ready to run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -66,12 +75,46 @@ pub struct WsSection {
     pub name: String,
     /// `host:port` to listen on.
     pub listen: String,
-    /// `host:port` or `ws://host:port[/path]` of each backend.
-    pub backends: Vec<String>,
     /// How long one connect to one backend may take.
     pub connect_timeout_ms: u64,
     /// How long a client may take to send its request head.
     pub read_timeout_ms: u64,
+    /// How long a backend may take to answer the upgrade.
+    pub upgrade_timeout_ms: u64,
+    /// The largest request head accepted; a larger one gets 431.
+    pub max_request_head_bytes: usize,
+    /// A path answered with 200 to a plain GET, for load balancers' probes.
+    pub health_path: Option<String>,
+    /// The routes in file order; the section's own `backends`, if any, come last as a
+    /// catch-all route (path `/`, any host).
+    pub routes: Vec<WsRoute>,
+}
+
+/// Where one kind of WebSocket request goes, and how it is passed on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WsRoute {
+    /// The Host (without port, lower case) this route is for; `None` matches any.
+    pub host: Option<String>,
+    /// The path prefix this route matches on a segment boundary; `/` matches every path.
+    pub path: String,
+    /// What replaces the matched prefix before the request goes to the backend.
+    pub rewrite: Option<String>,
+    /// `host:port` or `ws://host:port[/path]` of each backend.
+    pub backends: Vec<String>,
+    /// Pass the client's Host header unchanged instead of the backend's `host:port`.
+    pub preserve_host: bool,
+    /// Append the client's IP to `X-Forwarded-For`.
+    pub x_forwarded_for: bool,
+    /// Set `X-Forwarded-Proto`.
+    pub x_forwarded_proto: bool,
+    /// Set `X-Forwarded-Host` to the client's Host.
+    pub x_forwarded_host: bool,
+    /// Extra headers added to every request this route forwards.
+    pub headers: Vec<(String, String)>,
+    /// When set, only requests whose Origin is listed are let through (others get 403).
+    pub allowed_origins: Option<Vec<String>>,
+    /// When set, only these of the client's offered subprotocols are passed on.
+    pub subprotocols: Option<Vec<String>>,
 }
 
 impl Config {
@@ -116,13 +159,26 @@ impl fmt::Display for Config {
         for s in &self.ws_proxy {
             writeln!(
                 f,
-                "ws_proxy {:?}: listen {} -> {} (connect_timeout_ms {}, read_timeout_ms {})",
-                s.name,
-                s.listen,
-                s.backends.join(", "),
-                s.connect_timeout_ms,
-                s.read_timeout_ms
+                "ws_proxy {:?}: listen {} (connect_timeout_ms {}, read_timeout_ms {}, upgrade_timeout_ms {})",
+                s.name, s.listen, s.connect_timeout_ms, s.read_timeout_ms, s.upgrade_timeout_ms
             )?;
+            if let Some(p) = &s.health_path {
+                writeln!(f, "  GET {p} -> 200 (health)")?;
+            }
+            for r in &s.routes {
+                let host = r.host.as_deref().unwrap_or("*");
+                let rewrite = r
+                    .rewrite
+                    .as_ref()
+                    .map(|w| format!(" (rewritten to {w})"))
+                    .unwrap_or_default();
+                writeln!(
+                    f,
+                    "  {host}{}{rewrite} -> {}",
+                    r.path,
+                    r.backends.join(", ")
+                )?;
+            }
         }
         Ok(())
     }
@@ -130,28 +186,70 @@ impl fmt::Display for Config {
 
 /// The file's shape as serde sees it, with spans for every value a later check may blame.
 mod raw {
+    use std::collections::BTreeMap;
+
     use super::*;
 
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     pub(super) struct File {
         #[serde(default)]
-        pub tcp_proxy: Vec<Spanned<Section>>,
+        pub tcp_proxy: Vec<Spanned<TcpSection>>,
         #[serde(default)]
-        pub ws_proxy: Vec<Spanned<Section>>,
+        pub ws_proxy: Vec<Spanned<WsSection>>,
     }
 
-    /// Both section kinds; fields only one kind has are rejected in validation, so the message
-    /// can say which kind takes them.
+    pub(super) type Addrs = Spanned<Vec<Spanned<String>>>;
+
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
-    pub(super) struct Section {
+    pub(super) struct TcpSection {
         pub name: Option<Spanned<String>>,
         #[serde(alias = "bind")]
         pub listen: Spanned<String>,
-        pub backends: Spanned<Vec<Spanned<String>>>,
+        pub backends: Addrs,
+        pub connect_timeout_ms: Option<Spanned<u64>>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct WsSection {
+        pub name: Option<Spanned<String>>,
+        #[serde(alias = "bind")]
+        pub listen: Spanned<String>,
+        pub backends: Option<Addrs>,
         pub connect_timeout_ms: Option<Spanned<u64>>,
         pub read_timeout_ms: Option<Spanned<u64>>,
+        pub upgrade_timeout_ms: Option<Spanned<u64>>,
+        pub max_request_head_bytes: Option<Spanned<u64>>,
+        pub health_path: Option<Spanned<String>>,
+        #[serde(default)]
+        pub route: Vec<Spanned<WsRoute>>,
+        // Route options given at section level are every route's defaults. (Repeated rather
+        // than flattened: serde cannot combine `flatten` with `deny_unknown_fields`.)
+        pub preserve_host: Option<bool>,
+        pub x_forwarded_for: Option<bool>,
+        pub x_forwarded_proto: Option<bool>,
+        pub x_forwarded_host: Option<bool>,
+        pub headers: Option<BTreeMap<String, Spanned<String>>>,
+        pub allowed_origins: Option<Vec<Spanned<String>>>,
+        pub subprotocols: Option<Vec<Spanned<String>>>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct WsRoute {
+        pub path: Option<Spanned<String>>,
+        pub host: Option<Spanned<String>>,
+        pub rewrite: Option<Spanned<String>>,
+        pub backends: Option<Addrs>,
+        pub preserve_host: Option<bool>,
+        pub x_forwarded_for: Option<bool>,
+        pub x_forwarded_proto: Option<bool>,
+        pub x_forwarded_host: Option<bool>,
+        pub headers: Option<BTreeMap<String, Spanned<String>>>,
+        pub allowed_origins: Option<Vec<Spanned<String>>>,
+        pub subprotocols: Option<Vec<Spanned<String>>>,
     }
 }
 
@@ -173,6 +271,38 @@ impl Kind {
         match self {
             Kind::Tcp => "tcp_proxy",
             Kind::Ws => "ws_proxy",
+        }
+    }
+}
+
+/// Values that must be unique across the whole file.
+#[derive(Default)]
+struct Seen {
+    /// Listen address → the section that claimed it.
+    listens: HashMap<String, String>,
+    /// Section name → where it was first used.
+    names: HashMap<String, String>,
+}
+
+/// An HTTP token character (RFC 9110 `tchar`), for header names and subprotocols.
+fn is_token(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+impl raw::WsRoute {
+    fn empty() -> Self {
+        raw::WsRoute {
+            path: None,
+            host: None,
+            rewrite: None,
+            backends: None,
+            preserve_host: None,
+            x_forwarded_for: None,
+            x_forwarded_proto: None,
+            x_forwarded_host: None,
+            headers: None,
+            allowed_origins: None,
+            subprotocols: None,
         }
     }
 }
@@ -275,138 +405,369 @@ impl Source<'_> {
     }
 
     fn validate(&self, raw: raw::File) -> Result<Config, Error> {
+        let mut seen = Seen::default();
         let mut config = Config {
             tcp_proxy: Vec::new(),
             ws_proxy: Vec::new(),
         };
-        // Listen address → the section that claimed it, to refuse a second claim.
-        let mut listens: HashMap<String, String> = HashMap::new();
-        let mut names: HashMap<String, String> = HashMap::new();
-        let sections = raw.tcp_proxy.into_iter().map(|s| (Kind::Tcp, s));
-        let sections = sections.chain(raw.ws_proxy.into_iter().map(|s| (Kind::Ws, s)));
-        let mut ordinal: HashMap<&str, usize> = HashMap::new();
-        for (kind, section) in sections {
-            let n = {
-                let n = ordinal.entry(kind.table()).or_default();
-                *n += 1;
-                *n
-            };
+        for (i, section) in raw.tcp_proxy.into_iter().enumerate() {
             let span = section.span();
             let s = section.into_inner();
-            let default_name = format!("{}-{n}", if kind == Kind::Tcp { "tcp" } else { "ws" });
-            let name = match &s.name {
-                Some(name) if name.get_ref().trim().is_empty() => {
-                    return Err(self.error(
-                        name.span(),
-                        "name",
-                        "the name is empty",
-                        "give the section a name, or leave `name` out",
-                    ))
-                }
-                Some(name) => name.get_ref().clone(),
-                None => default_name,
-            };
-            let blame = s.name.as_ref().map_or(span.clone(), Spanned::span);
-            if let Some(first) = names.insert(name.clone(), format!("[[{}]] #{n}", kind.table())) {
-                return Err(self.error(
-                    blame,
-                    "name",
-                    &format!("the name {name:?} is already used by {first}"),
-                    "give every section its own name, so log lines tell them apart",
-                ));
-            }
-
-            let listen = s.listen.get_ref().trim().to_string();
-            if let Err(why) = check_addr(&listen, true) {
-                return Err(self.error(
-                    s.listen.span(),
-                    "listen",
-                    &format!("{listen:?} is not a listen address: {why}"),
-                    "write it as \"host:port\", e.g. \"0.0.0.0:8080\" or \"[::]:8080\"",
-                ));
-            }
-            if let Some(first) = listens.insert(listen.to_ascii_lowercase(), name.clone()) {
-                return Err(self.error(
-                    s.listen.span(),
-                    "listen",
-                    &format!("{listen} is already the listen address of section {first:?}"),
-                    "give each section its own address or port",
-                ));
-            }
-
-            if s.backends.get_ref().is_empty() {
-                return Err(self.error(
-                    s.backends.span(),
-                    "backends",
-                    "no backends are listed",
-                    "list at least one, e.g. backends = [\"127.0.0.1:9000\"]",
-                ));
-            }
-            let mut backends = Vec::new();
-            for b in s.backends.get_ref() {
-                let addr = b.get_ref().trim();
-                let bare = match kind {
-                    Kind::Ws => addr
-                        .strip_prefix("ws://")
-                        .map_or(addr, |r| r.split('/').next().unwrap_or(r)),
-                    Kind::Tcp => addr,
-                };
-                if let Err(why) = check_addr(bare, false) {
-                    let form = match kind {
-                        Kind::Tcp => "\"host:port\", e.g. \"10.0.0.5:5432\"",
-                        Kind::Ws => {
-                            "\"host:port\" or \"ws://host:port/path\", e.g. \"chat-1:9000\""
-                        }
-                    };
-                    return Err(self.error(
-                        b.span(),
-                        "backends",
-                        &format!("{addr:?} is not a backend address: {why}"),
-                        &format!("write each backend as {form}"),
-                    ));
-                }
-                backends.push(addr.to_string());
-            }
-
+            let name = self.name(&mut seen, &s.name, span, Kind::Tcp, i + 1)?;
+            let listen = self.listen(&mut seen, &s.listen, &name)?;
+            let backends = self.backends(&s.backends, Kind::Tcp)?;
             let connect_timeout_ms = self.timeout(
                 &s.connect_timeout_ms,
                 "connect_timeout_ms",
                 DEFAULT_CONNECT_TIMEOUT_MS,
             )?;
-            match kind {
-                Kind::Tcp => {
-                    if let Some(t) = &s.read_timeout_ms {
-                        return Err(self.error(
-                            t.span(),
-                            "read_timeout_ms",
-                            "a TCP tunnel has no request head to time out",
-                            "remove `read_timeout_ms` from this [[tcp_proxy]] section",
-                        ));
-                    }
-                    config.tcp_proxy.push(TcpSection {
-                        name,
-                        listen,
-                        backends,
-                        connect_timeout_ms,
-                    });
+            config.tcp_proxy.push(TcpSection {
+                name,
+                listen,
+                backends,
+                connect_timeout_ms,
+            });
+        }
+        for (i, section) in raw.ws_proxy.into_iter().enumerate() {
+            let span = section.span();
+            let s = section.into_inner();
+            config
+                .ws_proxy
+                .push(self.ws_section(&mut seen, s, span, i + 1)?);
+        }
+        Ok(config)
+    }
+
+    fn ws_section(
+        &self,
+        seen: &mut Seen,
+        s: raw::WsSection,
+        span: Range<usize>,
+        n: usize,
+    ) -> Result<WsSection, Error> {
+        let name = self.name(seen, &s.name, span.clone(), Kind::Ws, n)?;
+        let listen = self.listen(seen, &s.listen, &name)?;
+        let connect_timeout_ms = self.timeout(
+            &s.connect_timeout_ms,
+            "connect_timeout_ms",
+            DEFAULT_CONNECT_TIMEOUT_MS,
+        )?;
+        let read_timeout_ms = self.timeout(
+            &s.read_timeout_ms,
+            "read_timeout_ms",
+            DEFAULT_READ_TIMEOUT_MS,
+        )?;
+        let upgrade_timeout_ms = self.timeout(
+            &s.upgrade_timeout_ms,
+            "upgrade_timeout_ms",
+            DEFAULT_UPGRADE_TIMEOUT_MS,
+        )?;
+        let max_request_head_bytes = match &s.max_request_head_bytes {
+            None => DEFAULT_MAX_REQUEST_HEAD_BYTES,
+            Some(v) if (1024..=1 << 20).contains(v.get_ref()) => *v.get_ref() as usize,
+            Some(v) => {
+                return Err(self.error(
+                    v.span(),
+                    "max_request_head_bytes",
+                    &format!("{} is outside 1024..=1048576", v.get_ref()),
+                    "pick a size between 1 KiB and 1 MiB (the default is 8192)",
+                ))
+            }
+        };
+        let health_path = match &s.health_path {
+            None => None,
+            Some(p) => Some(self.path(p, "health_path")?),
+        };
+        let defaults = raw::WsRoute {
+            path: None,
+            host: None,
+            rewrite: None,
+            backends: None,
+            preserve_host: s.preserve_host,
+            x_forwarded_for: s.x_forwarded_for,
+            x_forwarded_proto: s.x_forwarded_proto,
+            x_forwarded_host: s.x_forwarded_host,
+            headers: s.headers,
+            allowed_origins: s.allowed_origins,
+            subprotocols: s.subprotocols,
+        };
+        let mut routes = Vec::new();
+        let mut keys: HashMap<(Option<String>, String), usize> = HashMap::new();
+        for (i, route) in s.route.into_iter().enumerate() {
+            let span = route.span();
+            let r = self.ws_route(route.into_inner(), &defaults, span.clone())?;
+            if let Some(first) = keys.insert((r.host.clone(), r.path.clone()), i + 1) {
+                return Err(self.error(
+                    span,
+                    "path",
+                    &format!(
+                        "route #{} has the same host and path as route #{first}",
+                        i + 1
+                    ),
+                    "merge the two routes, or give them different paths or hosts",
+                ));
+            }
+            routes.push(r);
+        }
+        match s.backends {
+            Some(backends) => {
+                let catch_all = raw::WsRoute {
+                    backends: Some(backends),
+                    ..defaults
+                };
+                routes.push(self.ws_route(catch_all, &raw::WsRoute::empty(), span)?);
+            }
+            None if routes.is_empty() => {
+                return Err(self.error(
+                    span,
+                    "backends",
+                    "the section has neither `backends` nor any [[ws_proxy.route]]",
+                    "add backends = [\"host:port\"], or routes with their own backends",
+                ))
+            }
+            None => {}
+        }
+        Ok(WsSection {
+            name,
+            listen,
+            connect_timeout_ms,
+            read_timeout_ms,
+            upgrade_timeout_ms,
+            max_request_head_bytes,
+            health_path,
+            routes,
+        })
+    }
+
+    /// One route, with the section's options filling what the route leaves out.
+    fn ws_route(
+        &self,
+        r: raw::WsRoute,
+        d: &raw::WsRoute,
+        span: Range<usize>,
+    ) -> Result<WsRoute, Error> {
+        let path = match &r.path {
+            Some(p) => self.path(p, "path")?,
+            None => "/".to_string(),
+        };
+        let rewrite = match &r.rewrite {
+            Some(p) => Some(self.path(p, "rewrite")?),
+            None => None,
+        };
+        let host = match &r.host {
+            Some(h) if check_host(h.get_ref()).is_err() => {
+                return Err(self.error(
+                    h.span(),
+                    "host",
+                    &format!("{:?} is not a host name", h.get_ref()),
+                    "give the name clients put in the Host header, without scheme or port",
+                ))
+            }
+            Some(h) => Some(h.get_ref().to_ascii_lowercase()),
+            None => None,
+        };
+        let backends = match &r.backends {
+            Some(b) => self.backends(b, Kind::Ws)?,
+            None => {
+                return Err(self.error(
+                    span,
+                    "backends",
+                    "this route has no backends",
+                    "add backends = [\"host:port\"] to the route",
+                ))
+            }
+        };
+        let headers = match r.headers.as_ref().or(d.headers.as_ref()) {
+            None => Vec::new(),
+            Some(map) => {
+                let mut headers = Vec::new();
+                for (name, value) in map {
+                    self.header(name, value)?;
+                    headers.push((name.clone(), value.get_ref().clone()));
                 }
-                Kind::Ws => {
-                    let read_timeout_ms = self.timeout(
-                        &s.read_timeout_ms,
-                        "read_timeout_ms",
-                        DEFAULT_READ_TIMEOUT_MS,
-                    )?;
-                    config.ws_proxy.push(WsSection {
-                        name,
-                        listen,
-                        backends,
-                        connect_timeout_ms,
-                        read_timeout_ms,
-                    });
+                headers
+            }
+        };
+        let allowed_origins = r.allowed_origins.as_ref().or(d.allowed_origins.as_ref());
+        let subprotocols = r.subprotocols.as_ref().or(d.subprotocols.as_ref());
+        if let Some(list) = subprotocols {
+            for p in list {
+                if p.get_ref().is_empty() || !p.get_ref().bytes().all(is_token) {
+                    return Err(self.error(
+                        p.span(),
+                        "subprotocols",
+                        &format!("{:?} is not a subprotocol name", p.get_ref()),
+                        "use the token the client offers in Sec-WebSocket-Protocol, e.g. \"mqtt\"",
+                    ));
                 }
             }
         }
-        Ok(config)
+        let strings = |list: Option<&Vec<Spanned<String>>>| {
+            list.map(|l| l.iter().map(|s| s.get_ref().clone()).collect::<Vec<_>>())
+        };
+        Ok(WsRoute {
+            host,
+            path,
+            rewrite,
+            backends,
+            preserve_host: r.preserve_host.or(d.preserve_host).unwrap_or(false),
+            x_forwarded_for: r.x_forwarded_for.or(d.x_forwarded_for).unwrap_or(true),
+            x_forwarded_proto: r.x_forwarded_proto.or(d.x_forwarded_proto).unwrap_or(true),
+            x_forwarded_host: r.x_forwarded_host.or(d.x_forwarded_host).unwrap_or(true),
+            headers,
+            allowed_origins: strings(allowed_origins),
+            subprotocols: strings(subprotocols),
+        })
+    }
+
+    fn name(
+        &self,
+        seen: &mut Seen,
+        name: &Option<Spanned<String>>,
+        span: Range<usize>,
+        kind: Kind,
+        n: usize,
+    ) -> Result<String, Error> {
+        let value = match name {
+            Some(name) if name.get_ref().trim().is_empty() => {
+                return Err(self.error(
+                    name.span(),
+                    "name",
+                    "the name is empty",
+                    "give the section a name, or leave `name` out",
+                ))
+            }
+            Some(name) => name.get_ref().clone(),
+            None => format!("{}-{n}", if kind == Kind::Tcp { "tcp" } else { "ws" }),
+        };
+        let blame = name.as_ref().map_or(span, Spanned::span);
+        if let Some(first) = seen
+            .names
+            .insert(value.clone(), format!("[[{}]] #{n}", kind.table()))
+        {
+            return Err(self.error(
+                blame,
+                "name",
+                &format!("the name {value:?} is already used by {first}"),
+                "give every section its own name, so log lines tell them apart",
+            ));
+        }
+        Ok(value)
+    }
+
+    fn listen(
+        &self,
+        seen: &mut Seen,
+        listen: &Spanned<String>,
+        name: &str,
+    ) -> Result<String, Error> {
+        let value = listen.get_ref().trim().to_string();
+        if let Err(why) = check_addr(&value, true) {
+            return Err(self.error(
+                listen.span(),
+                "listen",
+                &format!("{value:?} is not a listen address: {why}"),
+                "write it as \"host:port\", e.g. \"0.0.0.0:8080\" or \"[::]:8080\"",
+            ));
+        }
+        if let Some(first) = seen
+            .listens
+            .insert(value.to_ascii_lowercase(), name.to_string())
+        {
+            return Err(self.error(
+                listen.span(),
+                "listen",
+                &format!("{value} is already the listen address of section {first:?}"),
+                "give each section its own address or port",
+            ));
+        }
+        Ok(value)
+    }
+
+    fn backends(&self, list: &raw::Addrs, kind: Kind) -> Result<Vec<String>, Error> {
+        if list.get_ref().is_empty() {
+            return Err(self.error(
+                list.span(),
+                "backends",
+                "no backends are listed",
+                "list at least one, e.g. backends = [\"127.0.0.1:9000\"]",
+            ));
+        }
+        let mut backends = Vec::new();
+        for b in list.get_ref() {
+            let addr = b.get_ref().trim();
+            let checked = match kind {
+                Kind::Tcp => check_addr(addr, false),
+                Kind::Ws => crate::balancer::Backend::parse_ws(addr).map(drop),
+            };
+            if let Err(why) = checked {
+                let form = match kind {
+                    Kind::Tcp => "\"host:port\", e.g. \"10.0.0.5:5432\"",
+                    Kind::Ws => "\"host:port\" or \"ws://host:port/path\", e.g. \"chat-1:9000\"",
+                };
+                return Err(self.error(
+                    b.span(),
+                    "backends",
+                    &format!("{addr:?} is not a backend address: {why}"),
+                    &format!("write each backend as {form}"),
+                ));
+            }
+            backends.push(addr.to_string());
+        }
+        Ok(backends)
+    }
+
+    fn path(&self, p: &Spanned<String>, field: &str) -> Result<String, Error> {
+        let v = p.get_ref();
+        if !v.starts_with('/')
+            || v.bytes()
+                .any(|b| b <= b' ' || b == b'?' || b == b'#' || b >= 0x7f)
+        {
+            return Err(self.error(
+                p.span(),
+                field,
+                &format!("{v:?} is not a path"),
+                "write an absolute path without query or spaces, e.g. \"/ws/chat\"",
+            ));
+        }
+        Ok(v.clone())
+    }
+
+    fn header(&self, name: &str, value: &Spanned<String>) -> Result<(), Error> {
+        let lower = name.to_ascii_lowercase();
+        if name.is_empty() || !name.bytes().all(is_token) {
+            return Err(self.error(
+                value.span(),
+                "headers",
+                &format!("{name:?} is not a header name"),
+                "use letters, digits and '-' only, e.g. X-Upstream-Token",
+            ));
+        }
+        if matches!(
+            lower.as_str(),
+            "host" | "connection" | "upgrade" | "content-length" | "transfer-encoding"
+        ) || lower.starts_with("sec-websocket-")
+        {
+            return Err(self.error(
+                value.span(),
+                "headers",
+                &format!("{name} is managed by the proxy and cannot be set here"),
+                "remove it (for Host, use preserve_host = true to pass the client's own)",
+            ));
+        }
+        if value
+            .get_ref()
+            .bytes()
+            .any(|b| b == b'\r' || b == b'\n' || b == 0)
+        {
+            return Err(self.error(
+                value.span(),
+                "headers",
+                &format!("the value of {name} contains a line break or NUL"),
+                "put the value on one line",
+            ));
+        }
+        Ok(())
     }
 
     /// A timeout in milliseconds: absent means `default`; zero is refused.
@@ -432,7 +793,7 @@ impl Source<'_> {
 /// Checks that `addr` is `host:port`: a host name, an IPv4 address, or an IPv6 address in
 /// brackets, and a port. Port 0 is allowed for listening only (the system picks a port, which
 /// the start-up log line shows).
-fn check_addr(addr: &str, listening: bool) -> Result<(), String> {
+pub(crate) fn check_addr(addr: &str, listening: bool) -> Result<(), String> {
     let (host, port) = addr.rsplit_once(':').ok_or("there is no `:port`")?;
     let port: u16 = port
         .parse()
@@ -446,6 +807,11 @@ fn check_addr(addr: &str, listening: bool) -> Result<(), String> {
             .map(drop)
             .map_err(|_| format!("{v6:?} is not an IPv6 address"));
     }
+    check_host(host)
+}
+
+/// Checks that `host` is a host name or an IPv4 address (an IPv6 address needs brackets).
+pub(crate) fn check_host(host: &str) -> Result<(), String> {
     if host.is_empty() {
         return Err("the host is empty".into());
     }
