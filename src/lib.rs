@@ -29,6 +29,7 @@ mod error;
 pub mod handshake;
 pub mod net;
 pub mod relay;
+mod route;
 mod server;
 pub mod tcp;
 
