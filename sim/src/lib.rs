@@ -1,1 +1,441 @@
+//! The simulator: portcullis's own accept, connect and relay code, run under
+//! [turmoil](https://docs.rs/turmoil) in simulated time.
+//!
+//! turmoil runs a whole network of hosts on one thread: each host has its own single-threaded
+//! tokio runtime with a paused clock, and the simulation advances every host and the network
+//! one tick (1 ms by default) at a time. Latency, held links, partitions, packet loss and
+//! host crashes are all under the test's control and driven by one seeded random number
+//! generator, so a failing run replays exactly from its seed.
+//!
+//! The proxy code under test is not a copy: [`SimNet`] implements the runtime seam
+//! ([`portcullis::Net`]) with turmoil's sockets and tokio's paused timers, and a scenario runs
+//! `portcullis::TcpProxy::serve_with(SimNet, ..)` on a host named `"proxy"`. Everything else here
+//! is shared by the scenarios in `sim/tests/`:
+//!
+//! - [`run_seeds`] and [`test_name!`]: run a scenario for one fixed seed, or `SEEDS=N` seeds, or
+//!   the single seed `SEED=S`, and name the failing seed with a one-line replay command;
+//! - [`serve_proxy`], [`echo_server`] and [`echo`]: the software of the proxy and backend hosts;
+//! - [`pattern`] and [`check_prefix`]: deterministic per-stream bytes, so a receiver can tell
+//!   that every byte that arrived arrived once and in order;
+//! - [`Rng`]: a small seeded generator for the scenarios' own random choices;
+//! - [`read_until`], [`wait_for`] and [`sim_time`]: client-side reading with deadlines, waiting
+//!   on flags shared with the test, and the simulation clock.
+//!
+//! Things about turmoil 0.7 a scenario has to know (see also `/work/shared/DESIGN.md`):
+//! `partition` makes a connect fail at once (refused) and silently drops data on an established
+//! stream; `hold` and a crashed host make a connect hang; there is no retransmission, so a
+//! dropped segment stalls its stream for good and only a timeout ends it; a listener with more
+//! than `tcp_capacity` (64) connections waiting to be accepted panics; `Sim::crash` and
+//! `Sim::bounce` are called from outside the simulation, between calls to `Sim::step`.
 
+#![forbid(unsafe_code)]
+#![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
+
+use std::cell::RefCell;
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::panic::{self, AssertUnwindSafe};
+use std::time::{Duration, Instant};
+
+use futures_lite::FutureExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
+
+/// The port every scenario's proxy listens on.
+pub const PROXY_PORT: u16 = 7000;
+
+/// The port every scenario's backends listen on.
+pub const BACKEND_PORT: u16 = 9000;
+
+/// The seed a scenario runs with when neither `SEED` nor `SEEDS` is set; `SEEDS=N` runs this
+/// seed and the `N - 1` after it.
+pub const FIRST_SEED: u64 = 0x5EED_0000;
+
+/// The stream type of [`SimNet`]: a turmoil TCP stream seen through the futures-io traits the
+/// flows are written against. Its `poll_close` sends a FIN (a half-close), as on a real socket.
+pub type SimStream = Compat<turmoil::net::TcpStream>;
+
+/// The turmoil implementation of [`portcullis::Net`].
+///
+/// Sockets are turmoil's, so addresses are `"host:port"` with turmoil host names (`"backend:9000"`)
+/// and a listener binds `"0.0.0.0:port"`; `sleep` and `now` use the host's paused tokio clock, which
+/// turmoil advances tick by tick; `spawn` is `tokio::spawn` on the host's runtime, so a host crash
+/// drops every connection task with it. It must be used from inside a turmoil host or client.
+///
+/// A task spawned through it that panics is recorded (see [`take_task_panics`]) rather than lost:
+/// tokio would otherwise swallow the panic and the scenario would never know.
+///
+/// # Examples
+///
+/// ```no_run
+/// let mut sim = turmoil::Builder::new().build();
+/// sim.host("backend", || sim::echo_server(sim::BACKEND_PORT));
+/// sim.host("proxy", || {
+///     sim::serve_proxy(portcullis::TcpProxy::new(["backend:9000"]).connect_timeout_ms(500))
+/// });
+/// ```
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SimNet;
+
+/// The listener of [`SimNet`]: a turmoil TCP listener.
+pub struct SimListener(turmoil::net::TcpListener);
+
+impl fmt::Debug for SimListener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("SimListener")
+            .field(&self.0.local_addr().ok())
+            .finish()
+    }
+}
+
+impl SimListener {
+    /// Wraps a listener a scenario bound itself.
+    pub fn new(listener: turmoil::net::TcpListener) -> Self {
+        SimListener(listener)
+    }
+}
+
+impl portcullis::Listener for SimListener {
+    type Stream = SimStream;
+
+    async fn accept(&self) -> io::Result<(SimStream, SocketAddr)> {
+        let (stream, peer) = self.0.accept().await?;
+        Ok((stream.compat(), peer))
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.0.local_addr()
+    }
+}
+
+impl portcullis::Net for SimNet {
+    type Stream = SimStream;
+    type Listener = SimListener;
+
+    async fn bind(&self, addr: &str) -> io::Result<SimListener> {
+        turmoil::net::TcpListener::bind(addr).await.map(SimListener)
+    }
+
+    async fn connect(&self, addr: &str) -> io::Result<SimStream> {
+        turmoil::net::TcpStream::connect(addr)
+            .await
+            .map(TokioAsyncReadCompatExt::compat)
+    }
+
+    async fn sleep(&self, d: Duration) {
+        tokio::time::sleep(d).await;
+    }
+
+    /// The host's simulated clock. Each turmoil host has its own runtime and clock, and a crash
+    /// or bounce gives the host a new one, so instants are only comparable within one host run.
+    fn now(&self) -> Instant {
+        tokio::time::Instant::now().into_std()
+    }
+
+    fn spawn<F: Future<Output = ()> + Send + 'static>(&self, f: F) {
+        tokio::spawn(async move {
+            if let Err(payload) = AssertUnwindSafe(f).catch_unwind().await {
+                let message = panic_message(payload.as_ref());
+                TASK_PANICS.with(|p| p.borrow_mut().push(message));
+            }
+        });
+    }
+}
+
+thread_local! {
+    /// Panics of tasks spawned with [`SimNet::spawn`] on this thread (a simulation runs on the
+    /// thread of its test).
+    static TASK_PANICS: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Takes the messages of the panics that tasks spawned with [`SimNet::spawn`] on this thread
+/// have had since the last call. [`run_seeds`] fails a seed when there are any.
+pub fn take_task_panics() -> Vec<String> {
+    TASK_PANICS.with(|p| std::mem::take(&mut *p.borrow_mut()))
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(non-string panic payload)".to_string()
+    }
+}
+
+/// The seeds to run: `SEED=S` runs only `S` (to replay a failure); otherwise `SEEDS=N` (default
+/// 1) runs `N` seeds starting at [`FIRST_SEED`].
+pub fn seeds() -> Vec<u64> {
+    if let Some(seed) = env_u64("SEED") {
+        return vec![seed];
+    }
+    let n = env_u64("SEEDS").unwrap_or(1).max(1);
+    (FIRST_SEED..FIRST_SEED + n).collect()
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    let value = std::env::var(name).ok()?;
+    let value = value.trim();
+    let parsed = match value.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => value.parse(),
+    };
+    Some(parsed.unwrap_or_else(|_| panic!("{name}={value:?} is not a number")))
+}
+
+/// The path of the enclosing function, `test_target::function`, for [`run_seeds`].
+///
+/// In an integration test the first segment is the test target (the file name), which is what
+/// `cargo test --test` takes.
+#[macro_export]
+macro_rules! test_name {
+    () => {{
+        fn f() {}
+        let name = ::std::any::type_name_of_val(&f);
+        name.strip_suffix("::f").unwrap_or(name)
+    }};
+}
+
+/// Runs `scenario` once per seed of [`seeds`], and fails on the first seed whose run returns an
+/// error, panics, or leaves a panicked [`SimNet`] task behind, naming the seed and the command
+/// that replays it.
+///
+/// `name` is `test_target::test_function`, as [`test_name!`] gives it.
+///
+/// # Examples
+///
+/// ```no_run
+/// #[test]
+/// fn nothing_happens() {
+///     sim::run_seeds(sim::test_name!(), |seed| {
+///         let mut sim = turmoil::Builder::new().rng_seed(seed).build();
+///         sim.client("client", async { Ok(()) });
+///         sim.run()
+///     });
+/// }
+/// ```
+pub fn run_seeds(name: &str, mut scenario: impl FnMut(u64) -> turmoil::Result) {
+    let (target, test) = name.split_once("::").unwrap_or(("<test file>", name));
+    for seed in seeds() {
+        take_task_panics();
+        let outcome = panic::catch_unwind(AssertUnwindSafe(|| scenario(seed)));
+        let panics = take_task_panics();
+        let failure = match outcome {
+            Ok(Ok(())) if panics.is_empty() => continue,
+            Ok(Ok(())) => format!("a proxy task panicked: {panics:?}"),
+            Ok(Err(e)) => e.to_string(),
+            Err(payload) => format!("panicked: {}", panic_message(payload.as_ref())),
+        };
+        panic!(
+            "{test} failed with seed {seed}: {failure}\n\
+             replay: SEED={seed} cargo test -p sim --test {target} -- --exact {test}"
+        );
+    }
+}
+
+/// The software of a proxy host: binds `0.0.0.0:`[`PROXY_PORT`] and runs `proxy` on [`SimNet`]
+/// until the host crashes.
+pub async fn serve_proxy(proxy: portcullis::TcpProxy) -> turmoil::Result {
+    let net = SimNet;
+    let listener = portcullis::Net::bind(&net, &format!("0.0.0.0:{PROXY_PORT}")).await?;
+    proxy
+        .serve_with(net, listener, std::future::pending())
+        .await?;
+    Ok(())
+}
+
+/// The software of an echo backend: accepts on `0.0.0.0:port` and runs [`echo`] on every
+/// connection, each on its own task.
+pub async fn echo_server(port: u16) -> turmoil::Result {
+    let listener = turmoil::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).await?;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            let _ = echo(stream).await;
+        });
+    }
+}
+
+/// Writes back every byte read, and half-closes (a FIN) after the peer's FIN. Returns the bytes
+/// echoed.
+pub async fn echo(stream: turmoil::net::TcpStream) -> io::Result<u64> {
+    let (mut r, mut w) = stream.into_split();
+    let n = tokio::io::copy(&mut r, &mut w).await?;
+    w.shutdown().await?;
+    Ok(n)
+}
+
+/// One step of SplitMix64: a good 64-bit mix of `x`.
+fn splitmix(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Byte `i` of the deterministic stream `stream`. Streams never repeat a short period, so a
+/// byte duplicated, dropped or reordered anywhere shows up as a mismatch.
+pub fn pattern_byte(stream: u64, i: u64) -> u8 {
+    let word = splitmix(splitmix(stream) ^ (i / 8));
+    word.to_le_bytes()[(i % 8) as usize]
+}
+
+/// Bytes `offset..offset + len` of the deterministic stream `stream` (see [`pattern_byte`]).
+pub fn pattern(stream: u64, offset: u64, len: usize) -> Vec<u8> {
+    (offset..offset + len as u64)
+        .map(|i| pattern_byte(stream, i))
+        .collect()
+}
+
+/// Checks that `received` is a prefix of stream `stream`: every byte arrived once and in order,
+/// with nothing extra. The error names the first byte that differs.
+pub fn check_prefix(stream: u64, received: &[u8]) -> Result<(), String> {
+    match (0..received.len()).find(|&i| received[i] != pattern_byte(stream, i as u64)) {
+        None => Ok(()),
+        Some(i) => Err(format!(
+            "stream {stream}: byte {i} of {} is {:#04x}, expected {:#04x}",
+            received.len(),
+            received[i],
+            pattern_byte(stream, i as u64)
+        )),
+    }
+}
+
+/// A small seeded random number generator (SplitMix64) for a scenario's own choices: fault
+/// times, sizes, which link to cut. Deterministic for a seed, independent of turmoil's.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator for `seed`.
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        splitmix(self.0)
+    }
+
+    /// A number in `lo..=hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        assert!(lo <= hi, "empty range {lo}..={hi}");
+        lo + self.next_u64() % (hi - lo + 1)
+    }
+
+    /// A duration of `lo..=hi` milliseconds.
+    pub fn millis(&mut self, lo: u64, hi: u64) -> Duration {
+        Duration::from_millis(self.range(lo, hi))
+    }
+
+    /// True with probability `p`.
+    pub fn chance(&mut self, p: f64) -> bool {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64 <= p
+    }
+
+    /// One element of `items`.
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.range(0, items.len() as u64 - 1) as usize]
+    }
+}
+
+/// Time since the simulation started, as seen from the running host or client. Comparable
+/// across hosts and with `Sim::elapsed` outside the simulation (to within a tick).
+pub fn sim_time() -> Duration {
+    turmoil::sim_elapsed().expect("sim_time() is called from inside a turmoil host or client")
+}
+
+/// How a read loop ([`read_until`]) ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum End {
+    /// The peer half-closed: read returned 0.
+    Eof,
+    /// A read failed (typically a reset).
+    Error(io::ErrorKind),
+    /// The deadline passed first: the stream stalled.
+    TimedOut,
+}
+
+/// Reads from `r` into `into` until end of file, an error, `want` bytes in total, or `deadline`
+/// on the caller's tokio clock, whichever comes first. Returns `None` when `want` bytes arrived
+/// before the stream ended, and how it ended otherwise.
+pub async fn read_until<R: AsyncRead + Unpin>(
+    r: &mut R,
+    into: &mut Vec<u8>,
+    want: Option<usize>,
+    deadline: tokio::time::Instant,
+) -> Option<End> {
+    let mut buf = vec![0; 4096];
+    loop {
+        if want.is_some_and(|w| into.len() >= w) {
+            return None;
+        }
+        match tokio::time::timeout_at(deadline, r.read(&mut buf)).await {
+            Err(_) => return Some(End::TimedOut),
+            Ok(Ok(0)) => return Some(End::Eof),
+            Ok(Ok(n)) => into.extend_from_slice(&buf[..n]),
+            Ok(Err(e)) => return Some(End::Error(e.kind())),
+        }
+    }
+}
+
+/// Polls `ready` every simulated millisecond until it is true (returns true) or `limit` has
+/// passed (returns false). For a client waiting on a flag the test sets between steps.
+pub async fn wait_for(mut ready: impl FnMut() -> bool, limit: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !ready() {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    true
+}
+
+/// Waits until `host` has no TCP stream open (the proxy closed every socket of its finished
+/// connections), or fails after `limit`.
+pub async fn no_streams_left_on(host: &str, limit: Duration) -> Result<(), String> {
+    if wait_for(
+        || turmoil::established_tcp_stream_count_on(host) == 0,
+        limit,
+    )
+    .await
+    {
+        Ok(())
+    } else {
+        Err(format!(
+            "{host} still has {} TCP stream(s) open {limit:?} after the clients finished",
+            turmoil::established_tcp_stream_count_on(host)
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_are_deterministic_and_streams_differ() {
+        assert_eq!(pattern(7, 0, 64), pattern(7, 0, 64));
+        assert_eq!(pattern(7, 10, 20), pattern(7, 0, 30)[10..]);
+        assert_ne!(pattern(7, 0, 64), pattern(8, 0, 64));
+        assert!(check_prefix(7, &pattern(7, 0, 1000)).is_ok());
+        let mut shifted = pattern(7, 0, 100);
+        shifted.remove(50);
+        assert!(check_prefix(7, &shifted).unwrap_err().contains("byte 50"));
+    }
+
+    #[test]
+    fn rng_stays_in_range() {
+        let mut rng = Rng::new(1);
+        for _ in 0..1000 {
+            let x = rng.range(3, 5);
+            assert!((3..=5).contains(&x));
+        }
+        assert_eq!(Rng::new(9).next_u64(), Rng::new(9).next_u64());
+    }
+}
