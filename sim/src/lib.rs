@@ -18,7 +18,7 @@
 //! - [`pattern`] and [`check_prefix`]: deterministic per-stream bytes, so a receiver can tell
 //!   that every byte that arrived arrived once and in order;
 //! - [`Rng`]: a small seeded generator for the scenarios' own random choices;
-//! - [`read_until`], [`wait_for`] and [`sim_time`]: client-side reading with deadlines, waiting
+//! - [`connect_proxy`], [`read_until`], [`wait_for`] and [`sim_time`]: client-side reading with deadlines, waiting
 //!   on flags shared with the test, and the simulation clock.
 //!
 //! Things about turmoil 0.7 a scenario has to know (see also `/work/shared/DESIGN.md`):
@@ -348,6 +348,22 @@ impl Rng {
 pub fn sim_time() -> Duration {
     turmoil::sim_elapsed().expect("sim_time() is called from inside a turmoil host or client")
 }
+
+/// Connects to the proxy, first waiting until the simulation is [`STARTUP`] old, so every
+/// host has had its first tick and bound its listener: with `enable_random_order`, or a client
+/// registered before the hosts, a connect in the very first tick can reach the proxy before it
+/// listens and be refused.
+pub async fn connect_proxy() -> io::Result<turmoil::net::TcpStream> {
+    let now = sim_time();
+    if now < STARTUP {
+        tokio::time::sleep(STARTUP - now).await;
+    }
+    turmoil::net::TcpStream::connect(("proxy", PROXY_PORT)).await
+}
+
+/// How long into a simulation every host has certainly bound its listeners (see
+/// [`connect_proxy`]).
+pub const STARTUP: Duration = Duration::from_millis(5);
 
 /// How a read loop ([`read_until`]) ended.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,11 +7,13 @@
 use std::time::Duration;
 
 use portcullis::TcpProxy;
-use sim::{check_prefix, echo_server, pattern, read_until, run_seeds, serve_proxy, test_name, End};
-use sim::{Rng, BACKEND_PORT, PROXY_PORT};
+use sim::{
+    check_prefix, connect_proxy, echo_server, pattern, read_until, run_seeds, serve_proxy,
+    test_name, End,
+};
+use sim::{Rng, BACKEND_PORT};
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
-use turmoil::net::TcpStream;
 
 /// The latency of the links the timings go through.
 const LINK: Duration = Duration::from_millis(1);
@@ -65,9 +67,7 @@ fn world(seed: u64, backends: &[&'static str], down: Down) -> (turmoil::Sim<'sta
 /// Connects through the proxy, sends `len` bytes of stream `stream`, and returns how long the
 /// whole echo took to come back (from just after the connect).
 async fn echo_round_trip(stream: u64, len: usize) -> Result<Duration, String> {
-    let mut s = TcpStream::connect(("proxy", PROXY_PORT))
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
+    let mut s = connect_proxy().await.map_err(|e| format!("connect: {e}"))?;
     let t0 = Instant::now();
     s.write_all(&pattern(stream, 0, len))
         .await
@@ -111,7 +111,7 @@ fn backend_that_hangs_on_connect_is_given_up_at_exactly_the_connect_timeout() {
     run_seeds(test_name!(), |seed| {
         let (mut sim, timeout) = world(seed, &["slow"], Down::Held);
         sim.client("client", async move {
-            let mut s = TcpStream::connect(("proxy", PROXY_PORT)).await?;
+            let mut s = connect_proxy().await?;
             let t0 = Instant::now();
             s.write_all(b"hello").await?;
             let mut got = Vec::new();
