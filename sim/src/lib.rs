@@ -231,7 +231,7 @@ pub fn run_seeds(name: &str, mut scenario: impl FnMut(u64) -> turmoil::Result) {
         };
         panic!(
             "{test} failed with seed {seed}: {failure}\n\
-             replay: SEED={seed} cargo test -p sim --test {target} -- --exact {test}"
+             replay: SEED={seed} cargo test -p sim --test {target} -- --exact {test} --include-ignored"
         );
     }
 }
