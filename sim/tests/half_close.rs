@@ -65,7 +65,7 @@ async fn receive_all<R: AsyncRead + Unpin>(
     check_prefix(stream, &got).map_err(|e| format!("{who}: {e}"))?;
     if end != Some(End::Eof) || got.len() != len {
         return Err(format!(
-            "{who} got {} of {len} bytes, then {end:?} instead of end of file",
+            "{who} expected {len} bytes then end of file, got {} bytes then {end:?}",
             got.len()
         ));
     }
@@ -118,15 +118,22 @@ fn half_close(seed: u64, first: First) -> turmoil::Result {
     let mut client_rng = Rng::new(rng.next_u64());
     sim.client("client", async move {
         let mut s = connect_proxy().await?;
-        match first {
+        let mine = match first {
             First::Client => {
                 send_paced(&mut s, REQUEST, request_len, &mut client_rng).await?;
-                receive_all(&mut s, REPLY, reply_len, "client").await?;
+                receive_all(&mut s, REPLY, reply_len, "client").await
             }
             First::Backend => {
-                receive_all(&mut s, REPLY, reply_len, "client").await?;
-                send_paced(&mut s, REQUEST, request_len, &mut client_rng).await?;
+                let got = receive_all(&mut s, REPLY, reply_len, "client").await;
+                if got.is_ok() {
+                    send_paced(&mut s, REQUEST, request_len, &mut client_rng).await?;
+                }
+                got
             }
+        };
+        if let Err(e) = mine {
+            let backend = backend_verdict.borrow();
+            return Err(format!("{e} (the backend's verdict: {backend:?})").into());
         }
         let decided = || backend_verdict.borrow().is_some();
         if !wait_for(decided, Duration::from_secs(10)).await {
