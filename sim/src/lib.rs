@@ -21,6 +21,13 @@
 //! - [`connect_proxy`], [`read_until`], [`wait_for`] and [`sim_time`]: client-side reading with deadlines, waiting
 //!   on flags shared with the test, and the simulation clock.
 //!
+//! The scenarios, one file per subject in `sim/tests/`, each test named as the sentence it
+//! checks: `connect_timeout` (a backend that does not answer a connect, failover), `crash`
+//! (a backend or the proxy crashing mid-relay), `half_close` (a FIN each way under random
+//! latency), `partition` (a partition mid-relay, then repair), `chaos` (many clients, random
+//! faults), `drain` (graceful shutdown). Run them with `cargo test -p sim`; `SEEDS=20 cargo test
+//! -p sim` tries 20 seeds each, and a failure prints its seed and the command that replays it.
+//!
 //! Things about turmoil 0.7 a scenario has to know (see also `/work/shared/DESIGN.md`):
 //! `partition` makes a connect fail at once (refused) and silently drops data on an established
 //! stream; `hold` and a crashed host make a connect hang; there is no retransmission, so a
@@ -145,13 +152,14 @@ impl portcullis::Net for SimNet {
 }
 
 thread_local! {
-    /// Panics of tasks spawned with [`SimNet::spawn`] on this thread (a simulation runs on the
-    /// thread of its test).
+    /// Panics of tasks spawned by [`SimNet`] on this thread (a simulation runs on the thread
+    /// of its test).
     static TASK_PANICS: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Takes the messages of the panics that tasks spawned with [`SimNet::spawn`] on this thread
-/// have had since the last call. [`run_seeds`] fails a seed when there are any.
+/// Takes the messages of the panics that tasks spawned by [`SimNet`]'s
+/// [`spawn`](portcullis::Net::spawn) on this thread have had since the last call. [`run_seeds`]
+/// fails a seed when there are any.
 pub fn take_task_panics() -> Vec<String> {
     TASK_PANICS.with(|p| std::mem::take(&mut *p.borrow_mut()))
 }
