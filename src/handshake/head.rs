@@ -98,25 +98,31 @@ pub async fn read_head<R>(reader: &mut R, max: usize) -> Result<Head, HeadError>
 where
     R: AsyncRead + Unpin + ?Sized,
 {
+    // `buf[..filled]` holds what was read; the rest is room for the next reads, zeroed once when
+    // it is added rather than once per read, which a head sent byte by byte would make costly.
     let mut buf = Vec::new();
+    let mut filled = 0;
     loop {
-        let len = buf.len();
-        if len >= max {
+        if filled >= max {
             return Err(HeadError::TooLarge);
         }
-        // Double the buffer each time, but never read past the cap: what lies beyond it stays in
-        // the socket for the relay.
-        let want = len.max(FIRST_READ).min(max - len);
-        buf.resize(len + want, 0);
-        let n = match reader.read(&mut buf[len..]).await {
-            Ok(0) => return Err(HeadError::Eof { received: len }),
+        if filled == buf.len() {
+            // Double the room each time, but never read past the cap: what lies beyond it stays
+            // in the socket for the relay.
+            let grow = filled.max(FIRST_READ).min(max - filled);
+            buf.resize(filled + grow, 0);
+        }
+        let n = match reader.read(&mut buf[filled..]).await {
+            Ok(0) => return Err(HeadError::Eof { received: filled }),
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(HeadError::Io(e)),
         };
-        buf.truncate(len + n);
         // The end may straddle the previous read: look back three bytes.
-        if let Some(end) = find_end(&buf, len.saturating_sub(END.len() - 1)) {
+        let from = filled.saturating_sub(END.len() - 1);
+        filled += n;
+        if let Some(end) = find_end(&buf[..filled], from) {
+            buf.truncate(filled);
             let rest = buf.split_off(end);
             buf.shrink_to_fit();
             return Ok(Head { bytes: buf, rest });
