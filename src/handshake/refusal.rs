@@ -105,6 +105,11 @@ impl Refusal {
         }
     }
 
+    /// The status's reason phrase, e.g. `Upgrade Required`.
+    pub fn reason(self) -> &'static str {
+        reason(self.status())
+    }
+
     /// The plain-text body, one short sentence. It names the rule that was broken, so a
     /// developer with curl can fix the request, and says nothing about the backends.
     pub fn body(self) -> &'static str {
@@ -335,7 +340,7 @@ mod tests {
             let (head, body) = text.split_once("\r\n\r\n").expect("blank line");
             let length = format!("Content-Length: {}\r\n", body.len());
             assert!(head.contains(&length), "{refusal:?}: {text:?}");
-            assert_ne!(reason(refusal.status()), "Unknown", "{refusal:?}");
+            assert_ne!(refusal.reason(), "Unknown", "{refusal:?}");
             assert_eq!(refusal.to_string(), body.trim_end(), "{refusal:?}");
         }
     }
