@@ -7,6 +7,9 @@
 //! - [`relay`]: the bidirectional copy of an established tunnel ([`Relay`]).
 //! - [`balancer`]: backend pools and selection ([`Pool`], [`Backend`]).
 //! - [`tcp`]: the L4 flow and its builder ([`TcpProxy`]).
+//! - [`handshake`]: the HTTP/1.1 upgrade: reading heads, validation, header rewriting.
+//! - `route`: which WebSocket route a request takes, and the path its backend sees.
+//! - [`ws`]: the WebSocket flow and its builder ([`WsProxy`]).
 //! - [`config`]: the TOML file ([`Config`]) and its validation.
 //! - `server`: the accept loop shared by every flow: back-off, spawning, drain.
 //! - [`Error`]: the one error type.
@@ -32,6 +35,7 @@ pub mod relay;
 mod route;
 mod server;
 pub mod tcp;
+pub mod ws;
 
 pub use balancer::{Backend, Pool};
 pub use config::Config;
@@ -40,3 +44,4 @@ pub use net::{Listener, Net, SmolListener, SmolNet};
 pub use relay::{Relay, Report, Side};
 pub use server::run;
 pub use tcp::TcpProxy;
+pub use ws::WsProxy;

@@ -25,6 +25,7 @@ struct Cli {
 enum Command {
     Check(Check),
     Tcp(Tcp),
+    Ws(Ws),
     Demo(Demo),
 }
 
@@ -52,6 +53,27 @@ struct Tcp {
     /// connect timeout per backend in milliseconds (default 5000)
     #[argh(option, default = "portcullis::tcp::DEFAULT_CONNECT_TIMEOUT_MS")]
     connect_timeout_ms: u64,
+}
+
+/// Run a one-off WebSocket proxy.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "ws")]
+struct Ws {
+    /// address to listen on, host:port
+    #[argh(option)]
+    listen: String,
+
+    /// a backend, host:port or ws://host:port/path (repeat for several)
+    #[argh(option)]
+    backend: Vec<String>,
+
+    /// connect timeout per backend in milliseconds (default 5000)
+    #[argh(option, default = "portcullis::tcp::DEFAULT_CONNECT_TIMEOUT_MS")]
+    connect_timeout_ms: u64,
+
+    /// how long a client may take to send its request head, in milliseconds (default 30000)
+    #[argh(option, default = "portcullis::config::DEFAULT_READ_TIMEOUT_MS")]
+    read_timeout_ms: u64,
 }
 
 /// Start a built-in echo backend with a TCP proxy in front of it, and show how to connect.
@@ -101,6 +123,7 @@ fn main() -> ExitCode {
         (None, Some(file)) => Config::load(&file).and_then(portcullis::run),
         (Some(Command::Check(c)), None) => check(&c.config),
         (Some(Command::Tcp(t)), None) => tcp(t),
+        (Some(Command::Ws(w)), None) => ws(w),
         (Some(Command::Demo(d)), None) => demo(&d.listen),
     };
     match result {
@@ -128,20 +151,43 @@ fn check(file: &str) -> Result<(), Error> {
 }
 
 fn tcp(t: Tcp) -> Result<(), Error> {
-    // The flags go through the same validation as a config file, so both give the same messages.
-    let mut toml = format!("[[tcp_proxy]]\nlisten = {:?}\nbackends = [", t.listen);
-    for (i, b) in t.backend.iter().enumerate() {
-        toml += &format!("{}{b:?}", if i == 0 { "" } else { ", " });
-    }
-    toml += &format!("]\nconnect_timeout_ms = {}\n", t.connect_timeout_ms);
-    let config = Config::parse(&toml, "command line").map_err(|e| {
+    let toml = section(
+        "tcp_proxy",
+        &t.listen,
+        &t.backend,
+        &format!("connect_timeout_ms = {}", t.connect_timeout_ms),
+    );
+    run_flags(&toml)
+}
+
+fn ws(w: Ws) -> Result<(), Error> {
+    let timeouts = format!(
+        "connect_timeout_ms = {}\nread_timeout_ms = {}",
+        w.connect_timeout_ms, w.read_timeout_ms
+    );
+    run_flags(&section("ws_proxy", &w.listen, &w.backend, &timeouts))
+}
+
+/// The flags of a one-off proxy as a config section, so they go through the same validation as
+/// a file and both refuse the same things with the same words.
+fn section(table: &str, listen: &str, backends: &[String], more: &str) -> String {
+    let list: Vec<String> = backends.iter().map(|b| format!("{b:?}")).collect();
+    format!(
+        "[[{table}]]\nlisten = {listen:?}\nbackends = [{}]\n{more}\n",
+        list.join(", ")
+    )
+}
+
+fn run_flags(toml: &str) -> Result<(), Error> {
+    let config = Config::parse(toml, "command line").map_err(|e| {
         // Speak of flags, not of the TOML the flags were turned into.
         let msg = e.to_string();
         let msg = msg.split_once(" #1, ").map_or(msg.as_str(), |(_, m)| m);
         Error::Config(
             msg.replace("field `backends`", "--backend")
                 .replace("field `listen`", "--listen")
-                .replace("field `connect_timeout_ms`", "--connect-timeout-ms"),
+                .replace("field `connect_timeout_ms`", "--connect-timeout-ms")
+                .replace("field `read_timeout_ms`", "--read-timeout-ms"),
         )
     })?;
     portcullis::run(config)

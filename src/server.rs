@@ -50,9 +50,10 @@ fn is_exhaustion(e: &io::Error) -> bool {
 }
 
 /// Accepts connections on `listener` and runs `handle` for each on its own task, until
-/// `shutdown` completes; then waits up to `drain` for live connections to end.
+/// `shutdown` completes; then waits up to `drain` for live connections to end, and closes the
+/// ones still open after that.
 ///
-/// Returns how many connections were still live when it stopped waiting.
+/// Returns how many connections had to be closed at the deadline.
 pub(crate) async fn accept_loop<N, H, F>(
     net: &N,
     listener: &N::Listener,
@@ -66,6 +67,8 @@ where
     F: Future<Output = ()> + Send + 'static,
 {
     let live = Arc::new(AtomicUsize::new(0));
+    // Dropping `close` at the drain deadline wakes every connection still open and ends it.
+    let (close, closing) = async_channel::bounded::<()>(1);
     let mut shutdown = pin!(shutdown);
     let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
@@ -80,8 +83,12 @@ where
                 backoff = ACCEPT_BACKOFF_MIN;
                 let guard = LiveGuard::new(&live);
                 let conn = handle(stream, peer);
+                let closing = closing.clone();
                 net.spawn(async move {
-                    conn.await;
+                    future::or(conn, async {
+                        let _ = closing.recv().await;
+                    })
+                    .await;
                     drop(guard);
                 });
             }
@@ -93,13 +100,22 @@ where
             Some(Err(e)) => warn!("accept failed: {e}"),
         }
     }
-    let idle = async {
+    let idle = || async {
         while live.load(Ordering::Relaxed) > 0 {
             net.sleep(DRAIN_POLL).await;
         }
     };
-    future::or(idle, net.sleep(drain)).await;
-    live.load(Ordering::Relaxed)
+    future::or(idle(), net.sleep(drain)).await;
+    let left = live.load(Ordering::Relaxed);
+    if left > 0 {
+        warn!(
+            "drain deadline passed after {}ms, closing {left} open connection(s)",
+            drain.as_millis()
+        );
+        drop(close);
+        idle().await;
+    }
+    left
 }
 
 /// Binds `addr` on `net`, naming the address in the error.
@@ -166,25 +182,33 @@ pub(crate) fn log_listening(
 /// busy address fails start-up as a whole (naming the address), then serves them all on one
 /// executor spread over the machine's cores.
 pub fn run(config: crate::Config) -> Result<(), Error> {
-    if let Some(ws) = config.ws_proxy.first() {
-        return Err(Error::Config(format!(
-            "ws_proxy {:?}: WebSocket sections are not supported by this build yet; run them with a \
-             [[tcp_proxy]] section or remove the section",
-            ws.name
-        )));
-    }
     block_on(|net| async move {
-        let mut listeners = Vec::new();
-        for section in &config.tcp_proxy {
-            listeners.push(bind(&net, &section.listen).await?);
+        let mut tcp = Vec::new();
+        for section in config.tcp_proxy {
+            tcp.push((bind(&net, &section.listen).await?, section));
+        }
+        let mut ws = Vec::new();
+        for section in config.ws_proxy {
+            ws.push((bind(&net, &section.listen).await?, section));
         }
         // Each listener runs on its own task; the first to fail ends the process.
         let (done, finished) = smol::channel::unbounded();
-        for (section, listener) in config.tcp_proxy.into_iter().zip(listeners) {
-            let proxy = crate::TcpProxy::new(section.backends)
-                .name(section.name)
-                .connect_timeout_ms(section.connect_timeout_ms);
+        for (listener, s) in tcp {
+            let proxy = crate::TcpProxy::new(s.backends)
+                .name(s.name)
+                .connect_timeout_ms(s.connect_timeout_ms);
             let serve = proxy.serve_with(net.clone(), listener, future::pending());
+            let done = done.clone();
+            net.spawn(async move {
+                let _ = done.send(serve.await).await;
+            });
+        }
+        for (listener, s) in ws {
+            let serve = crate::WsProxy::from_section(s).serve_with(
+                net.clone(),
+                listener,
+                future::pending(),
+            );
             let done = done.clone();
             net.spawn(async move {
                 let _ = done.send(serve.await).await;

@@ -1,0 +1,520 @@
+//! The WebSocket flow for one connection.
+//!
+//! Read the request head (bounded in size and time) → validate the upgrade → route → policy
+//! (Origin, subprotocols) → for each backend in round-robin order: connect, send the rewritten
+//! head and any bytes the client already sent, read the backend's answer → on a valid 101, hand
+//! the client the backend's own 101 and whatever followed it, then relay bytes both ways with no
+//! timeout. Every refusal before the 101 is an HTTP status with a short plain-text body.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+
+use crate::balancer::{Backend, Pool};
+use crate::config::{self, WsRoute, WsSection};
+use crate::handshake::{self, ForwardOptions, Head, HeadError, Incoming, Refusal, Response};
+use crate::log::{info, warn};
+use crate::net::{self, Net};
+use crate::relay::Relay;
+use crate::route;
+use crate::server;
+use crate::tcp::{ending, DEFAULT_CONNECT_TIMEOUT_MS, DEFAULT_DRAIN_TIMEOUT_MS};
+use crate::Error;
+
+/// The most of a refusing backend's body (after its head) passed on to the client: enough for
+/// any error page meant for a WebSocket client, bounded so a misbehaving backend cannot make the
+/// proxy copy without end before the tunnel even exists.
+const MAX_REFUSAL_BODY: usize = 64 * 1024;
+
+/// The largest response head accepted from a backend. Larger than a client's cap, because a
+/// backend may set many cookies; still bounded, so a broken backend cannot exhaust memory.
+const BACKEND_HEAD_MAX: usize = 16 * 1024;
+
+/// A WebSocket proxy: validates each client's upgrade, forwards it to a backend, completes the
+/// client's handshake with the backend's own 101, then relays frames both ways untouched.
+///
+/// Defaults: round robin over the backends with failover, connect timeout 5000 ms, 30000 ms to
+/// read the request head (never applied to the tunnel), 5000 ms for the backend's 101, request
+/// heads up to 8192 bytes, `Host` set to the backend's `host:port`, `X-Forwarded-For`,
+/// `-Proto` and `-Host` added, and a drain of up to 30000 ms on shutdown. Routes, policies and
+/// extra headers come from a [`WsSection`] ([`WsProxy::from_section`]).
+///
+/// # Examples
+///
+/// ```no_run
+/// use portcullis::WsProxy;
+///
+/// WsProxy::new(["chat-1:9000", "chat-2:9000"])
+///     .connect_timeout_ms(3_000)
+///     .read_timeout_ms(30_000)
+///     .bind("0.0.0.0:8080")?;
+/// # Ok::<(), portcullis::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct WsProxy {
+    section: WsSection,
+    drain_timeout: Duration,
+}
+
+impl WsProxy {
+    /// A proxy sending every upgrade to `backends` (`host:port` or `ws://host:port[/path]`).
+    pub fn new<I, S>(backends: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let route = WsRoute {
+            host: None,
+            path: "/".to_string(),
+            rewrite: None,
+            backends: backends.into_iter().map(Into::into).collect(),
+            preserve_host: false,
+            x_forwarded_for: true,
+            x_forwarded_proto: true,
+            x_forwarded_host: true,
+            headers: Vec::new(),
+            allowed_origins: None,
+            subprotocols: None,
+        };
+        WsProxy::from_section(WsSection {
+            name: "ws".to_string(),
+            listen: String::new(),
+            connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
+            read_timeout_ms: config::DEFAULT_READ_TIMEOUT_MS,
+            upgrade_timeout_ms: config::DEFAULT_UPGRADE_TIMEOUT_MS,
+            max_request_head_bytes: config::DEFAULT_MAX_REQUEST_HEAD_BYTES,
+            health_path: None,
+            routes: vec![route],
+        })
+    }
+
+    /// A proxy as a validated `[[ws_proxy]]` section describes it (its `listen` is used by
+    /// [`crate::run`], not here).
+    pub fn from_section(section: WsSection) -> Self {
+        WsProxy {
+            section,
+            drain_timeout: Duration::from_millis(DEFAULT_DRAIN_TIMEOUT_MS),
+        }
+    }
+
+    /// The name this proxy's log lines carry (default `ws`).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.section.name = name.into();
+        self
+    }
+
+    /// How long one connect to one backend may take before the next is tried (default 5000 ms).
+    pub fn connect_timeout_ms(mut self, ms: u64) -> Self {
+        self.section.connect_timeout_ms = ms;
+        self
+    }
+
+    /// How long a client may take to send its request head (default 30000 ms). It never
+    /// applies to an established tunnel.
+    pub fn read_timeout_ms(mut self, ms: u64) -> Self {
+        self.section.read_timeout_ms = ms;
+        self
+    }
+
+    /// How long a backend may take to answer the upgrade before the client gets 504
+    /// (default 5000 ms).
+    pub fn upgrade_timeout_ms(mut self, ms: u64) -> Self {
+        self.section.upgrade_timeout_ms = ms;
+        self
+    }
+
+    /// The largest request head accepted; a larger one gets 431 (default 8192 bytes).
+    pub fn max_request_head_bytes(mut self, bytes: usize) -> Self {
+        self.section.max_request_head_bytes = bytes;
+        self
+    }
+
+    /// A path that answers a plain GET with 200, for load balancers' probes (default none).
+    pub fn health_path(mut self, path: impl Into<String>) -> Self {
+        self.section.health_path = Some(path.into());
+        self
+    }
+
+    /// How long, after shutdown, established tunnels may go on before they are closed
+    /// (default 30000 ms).
+    pub fn drain_timeout_ms(mut self, ms: u64) -> Self {
+        self.drain_timeout = Duration::from_millis(ms);
+        self
+    }
+
+    /// Listens on `addr` and proxies until the process ends, on as many threads as the machine
+    /// has cores.
+    pub fn bind(self, addr: &str) -> Result<(), Error> {
+        server::block_on(|net| async move {
+            let listener = server::bind(&net, addr).await?;
+            self.serve_with(net, listener, futures_lite::future::pending())
+                .await
+        })
+    }
+
+    /// Proxies connections from `listener` until `shutdown` completes, then waits for
+    /// established tunnels to end (up to the drain timeout). Connection tasks run inside the
+    /// returned future, so it runs on whichever executor polls it.
+    pub async fn serve(
+        self,
+        listener: async_net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), Error> {
+        server::run_inline(listener, |net, listener| {
+            self.serve_with(net, listener, shutdown)
+        })
+        .await
+    }
+
+    /// [`WsProxy::serve`] on any [`Net`].
+    pub async fn serve_with<N: Net>(
+        self,
+        net: N,
+        listener: N::Listener,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), Error> {
+        let flow = Arc::new(Flow::new(self.section)?);
+        let all: Vec<String> = flow
+            .routes
+            .iter()
+            .flat_map(|r| r.config.backends.clone())
+            .collect();
+        server::log_listening(
+            "ws",
+            &flow.name,
+            crate::net::Listener::local_addr(&listener),
+            &all,
+        );
+        let left = server::accept_loop(
+            &net,
+            &listener,
+            shutdown,
+            self.drain_timeout,
+            |stream, peer| flow.clone().handle(net.clone(), stream, peer),
+        )
+        .await;
+        info!(
+            "stopped kind=ws name={} open_connections_closed={left}",
+            flow.name
+        );
+        Ok(())
+    }
+}
+
+/// What every connection of one WebSocket proxy shares.
+struct Flow {
+    name: String,
+    connect_timeout: Duration,
+    read_timeout: Duration,
+    upgrade_timeout: Duration,
+    max_head: usize,
+    health_path: Option<String>,
+    routes: Vec<Route>,
+}
+
+/// A configured route with its pool.
+struct Route {
+    config: WsRoute,
+    forward: ForwardOptions,
+    pool: Pool,
+}
+
+impl Flow {
+    fn new(s: WsSection) -> Result<Flow, Error> {
+        let bad = |why: String| Error::Config(format!("ws proxy {}: {why}", s.name));
+        if s.connect_timeout_ms == 0 || s.read_timeout_ms == 0 || s.upgrade_timeout_ms == 0 {
+            return Err(bad("timeouts must be positive".into()));
+        }
+        let mut routes = Vec::new();
+        for r in &s.routes {
+            if r.backends.is_empty() {
+                return Err(bad(format!("route {} has no backends", r.path)));
+            }
+            let backends = r
+                .backends
+                .iter()
+                .map(|b| Backend::parse_ws(b).map_err(|e| bad(format!("backend {b:?}: {e}"))));
+            let pool = Pool::new(backends.collect::<Result<_, _>>()?);
+            routes.push(Route {
+                config: r.clone(),
+                forward: ForwardOptions::from(r),
+                pool,
+            });
+        }
+        if routes.is_empty() {
+            return Err(bad("no backends".into()));
+        }
+        Ok(Flow {
+            name: s.name,
+            connect_timeout: Duration::from_millis(s.connect_timeout_ms),
+            read_timeout: Duration::from_millis(s.read_timeout_ms),
+            upgrade_timeout: Duration::from_millis(s.upgrade_timeout_ms),
+            max_head: s.max_request_head_bytes,
+            health_path: s.health_path,
+            routes,
+        })
+    }
+
+    async fn handle<N: Net>(self: Arc<Self>, net: N, mut client: N::Stream, peer: SocketAddr) {
+        let started = net.now();
+        let mut log = Access {
+            path: "-".into(),
+            backend: "-".into(),
+            status: 0,
+            up: 0,
+            down: 0,
+            end: String::new(),
+        };
+        match self.upgrade(&net, &mut client, peer, &mut log).await {
+            Ok((mut upstream, to_client)) => {
+                let report = Relay::new(&mut client, &mut upstream)
+                    .pending(Vec::new(), to_client)
+                    .await;
+                log.up += report.client_to_backend;
+                log.down = report.backend_to_client;
+                log.end = ending(&report);
+            }
+            Err(Ended::Refused(refusal)) => {
+                log.status = refusal.status();
+                log.end = format!("\"refused: {refusal}\"");
+                self.answer(&net, &mut client, &refusal.to_bytes()).await;
+            }
+            Err(Ended::Answered { status, bytes, why }) => {
+                log.status = status;
+                log.end = format!("\"{why}\"");
+                self.answer(&net, &mut client, &bytes).await;
+            }
+            Err(Ended::Quietly(why)) => log.end = format!("\"{why}\""),
+        }
+        let ms = net.now().duration_since(started).as_millis();
+        info!(
+            "ws name={} client={peer} path={} backend={} status={} up={} down={} duration_ms={ms} end={}",
+            self.name, log.path, log.backend, log.status, log.up, log.down, log.end
+        );
+    }
+
+    /// Sends a response the client gets instead of a tunnel, then closes. A client that never
+    /// reads must not hold the task, so the write is bounded by the read timeout too.
+    async fn answer<S: futures_lite::AsyncWrite + Unpin>(
+        &self,
+        net: &impl Net,
+        client: &mut S,
+        bytes: &[u8],
+    ) {
+        let _ = net::timeout(net, self.read_timeout, async {
+            client.write_all(bytes).await?;
+            client.close().await
+        })
+        .await;
+    }
+
+    /// Everything up to an established tunnel: returns the backend stream and the bytes owed to
+    /// the client (the backend's 101 and whatever followed it).
+    async fn upgrade<N: Net>(
+        &self,
+        net: &N,
+        client: &mut N::Stream,
+        peer: SocketAddr,
+        log: &mut Access,
+    ) -> Result<(N::Stream, Vec<u8>), Ended> {
+        let head =
+            match net::timeout(net, self.read_timeout, read_head(client, self.max_head)).await {
+                Ok(head) => head,
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                    return Err(Ended::Refused(Refusal::RequestTimeout))
+                }
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                    return Err(Ended::Refused(Refusal::HeadTooLarge))
+                }
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    return Err(Ended::Quietly(
+                        "client closed before its request head ended".into(),
+                    ))
+                }
+                Err(e) => return Err(Ended::Quietly(format!("client error: {e}"))),
+            };
+        let request = match handshake::parse_request(&head.bytes).map_err(Ended::Refused)? {
+            Incoming::Upgrade(request) => request,
+            Incoming::PlainGet(r) => {
+                log.path = r.target().to_string();
+                return Err(match &self.health_path {
+                    Some(p) if p == r.path() => Ended::Answered {
+                        status: 200,
+                        bytes: handshake::response(200, "ok", &[]),
+                        why: "health check".into(),
+                    },
+                    _ => Ended::Refused(Refusal::NotUpgrade),
+                });
+            }
+        };
+        log.path = request.target().to_string();
+        let route = route::find(&self.routes, request.host(), request.target(), |r| {
+            &r.config
+        })
+        .ok_or(Ended::Refused(Refusal::NoRoute))?;
+        if let Some(allowed) = &route.config.allowed_origins {
+            if !request
+                .origin()
+                .is_some_and(|o| allowed.iter().any(|a| a.eq_ignore_ascii_case(o)))
+            {
+                return Err(Ended::Refused(Refusal::OriginNotAllowed));
+            }
+        }
+        log.up = head.rest.len() as u64;
+
+        let mut last = Ended::Refused(Refusal::BadGateway);
+        for backend in route.pool.order() {
+            log.backend = backend.addr().to_string();
+            let target = route::backend_target(&route.config, backend.path(), request.target());
+            let sent =
+                handshake::forward(&request, &target, backend.addr(), peer.ip(), &route.forward)
+                    .map_err(Ended::Refused)?;
+            let attempt = async {
+                let mut upstream =
+                    net::timeout(net, self.connect_timeout, net.connect(backend.addr())).await?;
+                // The client's pipelined bytes go right behind the head: they are the tunnel's
+                // first bytes, and a backend that answers 101 expects them next.
+                let mut out = Vec::with_capacity(sent.head.len() + head.rest.len());
+                out.extend_from_slice(&sent.head);
+                out.extend_from_slice(&head.rest);
+                upstream.write_all(&out).await?;
+                upstream.flush().await?;
+                Ok::<_, io::Error>(upstream)
+            };
+            let mut upstream = match attempt.await {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(
+                        "ws name={} client={peer} cannot connect to backend {backend}: {e}",
+                        self.name
+                    );
+                    continue;
+                }
+            };
+            let answer = net::timeout(
+                net,
+                self.upgrade_timeout,
+                read_head(&mut upstream, BACKEND_HEAD_MAX),
+            )
+            .await;
+            let answer = match answer {
+                Ok(h) => h,
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                    warn!("ws name={} client={peer} backend {backend} did not answer the upgrade in time", self.name);
+                    return Err(Ended::Refused(Refusal::GatewayTimeout));
+                }
+                Err(e) => {
+                    // The backend went away (or sent garbage) before answering: nothing has
+                    // reached the client yet, so another backend may still serve it.
+                    warn!(
+                        "ws name={} client={peer} backend {backend} failed during the upgrade: {e}",
+                        self.name
+                    );
+                    last = Ended::Refused(Refusal::BadGateway);
+                    continue;
+                }
+            };
+            return match sent.check_response(&answer.bytes) {
+                Ok(Response::Accepted) => {
+                    log.status = 101;
+                    let mut to_client = answer.bytes;
+                    to_client.extend_from_slice(&answer.rest);
+                    Ok((upstream, to_client))
+                }
+                Ok(Response::Refused {
+                    status,
+                    content_length,
+                }) => {
+                    let bytes = pass_through(
+                        net,
+                        self.upgrade_timeout,
+                        &mut upstream,
+                        answer,
+                        content_length,
+                    )
+                    .await;
+                    Err(Ended::Answered {
+                        status,
+                        bytes,
+                        why: format!("backend refused with {status}"),
+                    })
+                }
+                Err(bad) => {
+                    warn!("ws name={} client={peer} backend {backend} gave a bad upgrade response: {bad:?}", self.name);
+                    Err(Ended::Refused(Refusal::from(bad)))
+                }
+            };
+        }
+        Err(last)
+    }
+}
+
+/// Reads a head of at most `max` bytes; an over-long head is `InvalidData`, an early EOF
+/// `UnexpectedEof`.
+async fn read_head<R: futures_lite::AsyncRead + Unpin>(r: &mut R, max: usize) -> io::Result<Head> {
+    handshake::read_head(r, max).await.map_err(|e| match e {
+        HeadError::TooLarge => io::Error::new(io::ErrorKind::InvalidData, "head too large"),
+        HeadError::Eof { .. } => io::ErrorKind::UnexpectedEof.into(),
+        HeadError::Io(e) => e,
+    })
+}
+
+/// A refusing backend's head, and its body up to [`MAX_REFUSAL_BODY`] and `content_length`,
+/// read within `limit`.
+async fn pass_through<S: futures_lite::AsyncRead + Unpin>(
+    net: &impl Net,
+    limit: Duration,
+    upstream: &mut S,
+    head: Head,
+    content_length: Option<u64>,
+) -> Vec<u8> {
+    let body = content_length.map_or(MAX_REFUSAL_BODY, |n| {
+        usize::try_from(n).unwrap_or(usize::MAX)
+    });
+    let want = head.bytes.len() + body.min(MAX_REFUSAL_BODY);
+    let mut bytes = head.bytes;
+    bytes.extend_from_slice(&head.rest);
+    let _ = net::timeout(net, limit, async {
+        let mut chunk = [0u8; 4096];
+        while bytes.len() < want {
+            let n = upstream.read(&mut chunk).await?;
+            if n == 0 {
+                break;
+            }
+            bytes.extend_from_slice(&chunk[..n]);
+        }
+        Ok(())
+    })
+    .await;
+    bytes.truncate(want);
+    bytes
+}
+
+/// How a connection ended before it became a tunnel.
+enum Ended {
+    /// The client gets this refusal, then the connection is closed.
+    Refused(Refusal),
+    /// The client gets these bytes (a health answer, or a backend's own refusal), then the
+    /// connection is closed.
+    Answered {
+        status: u16,
+        bytes: Vec<u8>,
+        why: String,
+    },
+    /// Nothing to tell the client (it left, or its socket failed).
+    Quietly(String),
+}
+
+/// The fields of the access-log line.
+struct Access {
+    path: String,
+    backend: String,
+    status: u16,
+    up: u64,
+    down: u64,
+    end: String,
+}
