@@ -435,8 +435,6 @@ fn shutdown_stops_accepting_but_drains_an_established_tunnel() {
 }
 
 #[test]
-#[ignore = "src bug: tunnels still open when the drain timeout ends are leaked, not closed \
-            (SmolNet's Arc<Executor> inside each connection task keeps the executor alive)"]
 fn drain_timeout_closes_tunnels_still_open() {
     run(|ex| async move {
         let backend = Backend::echo(&ex).await;
