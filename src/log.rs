@@ -2,7 +2,6 @@
 //! so they read well in a terminal and split cleanly with `grep` and `awk`.
 
 use std::fmt;
-use std::io::Write;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Writes one log line: the timestamp, the level, then `args`.
@@ -10,9 +9,10 @@ pub(crate) fn line(level: &str, args: fmt::Arguments<'_>) {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
-    // One write call per line, so lines from different threads never interleave.
+    // One write per line, so lines from different threads never interleave; eprint! rather than
+    // a raw stderr handle, so the test harness captures the lines of passing tests.
     let text = format!("{} {level} {args}\n", Timestamp(now.as_millis() as u64));
-    let _ = std::io::stderr().lock().write_all(text.as_bytes());
+    eprint!("{text}");
 }
 
 /// Milliseconds since the Unix epoch, shown as RFC 3339 UTC (`2026-11-22T07:40:00.123Z`).

@@ -56,7 +56,7 @@ fn is_exhaustion(e: &io::Error) -> bool {
 /// Returns how many connections had to be closed at the deadline.
 pub(crate) async fn accept_loop<N, H, F>(
     net: &N,
-    listener: &N::Listener,
+    listener: N::Listener,
     shutdown: impl Future<Output = ()>,
     drain: Duration,
     handle: H,
@@ -100,6 +100,9 @@ where
             Some(Err(e)) => warn!("accept failed: {e}"),
         }
     }
+    // Stop accepting for real: a closed listener refuses new connections at once, where an open
+    // one would let them queue in its backlog for the whole drain and then reset them.
+    drop(listener);
     let idle = || async {
         while live.load(Ordering::Relaxed) > 0 {
             net.sleep(DRAIN_POLL).await;

@@ -150,7 +150,7 @@ impl TcpProxy {
         });
         let left = server::accept_loop(
             &net,
-            &listener,
+            listener,
             shutdown,
             self.drain_timeout,
             |stream, peer| flow.clone().handle(net.clone(), stream, peer),

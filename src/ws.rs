@@ -191,7 +191,7 @@ impl WsProxy {
         );
         let left = server::accept_loop(
             &net,
-            &listener,
+            listener,
             shutdown,
             self.drain_timeout,
             |stream, peer| flow.clone().handle(net.clone(), stream, peer),
