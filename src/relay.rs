@@ -263,3 +263,159 @@ where
         Poll::Pending
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// What a test peer saw: the bytes written to it and how often its write side was closed.
+    #[derive(Default, Debug)]
+    struct Seen {
+        written: Vec<u8>,
+        closes: usize,
+    }
+
+    /// An in-memory peer: reads come from `input` in `chunk`-sized pieces (endless when
+    /// `endless`), then EOF or `read_error`; writes are recorded, or fail with `write_error`.
+    struct Peer {
+        input: Vec<u8>,
+        chunk: usize,
+        endless: bool,
+        read_error: Option<io::ErrorKind>,
+        write_error: Option<io::ErrorKind>,
+        seen: Arc<Mutex<Seen>>,
+    }
+
+    impl Peer {
+        fn new(input: &[u8]) -> (Self, Arc<Mutex<Seen>>) {
+            let seen = Arc::new(Mutex::new(Seen::default()));
+            let peer = Peer {
+                input: input.to_vec(),
+                chunk: 7,
+                endless: false,
+                read_error: None,
+                write_error: None,
+                seen: seen.clone(),
+            };
+            (peer, seen)
+        }
+    }
+
+    impl AsyncRead for Peer {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut [u8],
+        ) -> Poll<io::Result<usize>> {
+            if self.endless {
+                let n = buf.len().min(self.chunk);
+                buf[..n].fill(b'x');
+                return Poll::Ready(Ok(n));
+            }
+            if self.input.is_empty() {
+                return Poll::Ready(self.read_error.map_or(Ok(0), |k| Err(k.into())));
+            }
+            let n = buf.len().min(self.chunk).min(self.input.len());
+            buf[..n].copy_from_slice(&self.input[..n]);
+            self.input.drain(..n);
+            Poll::Ready(Ok(n))
+        }
+    }
+
+    impl AsyncWrite for Peer {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            if let Some(k) = self.write_error {
+                return Poll::Ready(Err(k.into()));
+            }
+            // Accept at most 5 bytes per call, so partial writes are exercised.
+            let n = buf.len().min(5);
+            self.seen
+                .lock()
+                .unwrap()
+                .written
+                .extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.seen.lock().unwrap().closes += 1;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[test]
+    fn bytes_cross_both_ways_and_each_side_is_closed_exactly_once() {
+        let up: Vec<u8> = (0..=255).cycle().take(100_000).collect();
+        let down = b"the backend's answer".to_vec();
+        let (mut client, client_seen) = Peer::new(&up);
+        let (mut backend, backend_seen) = Peer::new(&down);
+        let report = futures_lite::future::block_on(Relay::new(&mut client, &mut backend));
+        assert!(report.result.is_ok(), "{report:?}");
+        assert_eq!(report.client_to_backend, up.len() as u64);
+        assert_eq!(report.backend_to_client, down.len() as u64);
+        assert_eq!(backend_seen.lock().unwrap().written, up);
+        assert_eq!(client_seen.lock().unwrap().written, down);
+        assert_eq!(client_seen.lock().unwrap().closes, 1);
+        assert_eq!(backend_seen.lock().unwrap().closes, 1);
+    }
+
+    #[test]
+    fn pending_bytes_go_first_and_are_counted() {
+        let (mut client, client_seen) = Peer::new(b" world");
+        let (mut backend, backend_seen) = Peer::new(b" frame");
+        let relay =
+            Relay::new(&mut client, &mut backend).pending(b"hello".to_vec(), b"101 +".to_vec());
+        let report = futures_lite::future::block_on(relay);
+        assert_eq!(backend_seen.lock().unwrap().written, b"hello world");
+        assert_eq!(client_seen.lock().unwrap().written, b"101 + frame");
+        assert_eq!(
+            (report.client_to_backend, report.backend_to_client),
+            (11, 11)
+        );
+    }
+
+    #[test]
+    fn failures_name_the_side_whose_socket_failed() {
+        let cases = [
+            (Some(io::ErrorKind::ConnectionReset), None, Side::Client),
+            (None, Some(io::ErrorKind::BrokenPipe), Side::Backend),
+        ];
+        for (client_read, backend_write, side) in cases {
+            let (mut client, _) = Peer::new(b"data");
+            client.read_error = client_read;
+            let (mut backend, _) = Peer::new(b"");
+            backend.write_error = backend_write;
+            // Keep the backend's read side open so only the failure can end the relay.
+            backend.endless = client_read.is_some();
+            backend.chunk = 1;
+            let report = futures_lite::future::block_on(Relay::new(&mut client, &mut backend));
+            match report.result {
+                Err((s, _)) => assert_eq!(s, side),
+                Ok(()) => panic!("expected a failure on the {side} side"),
+            }
+        }
+    }
+
+    #[test]
+    fn an_endless_direction_does_not_starve_the_other() {
+        let (mut client, client_seen) = Peer::new(b"");
+        client.endless = true;
+        client.chunk = BUF_SIZE;
+        let (mut backend, _) = Peer::new(b"reply");
+        let mut relay = Relay::new(&mut client, &mut backend);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        for _ in 0..3 {
+            assert!(Pin::new(&mut relay).poll(&mut cx).is_pending());
+        }
+        drop(relay);
+        assert_eq!(client_seen.lock().unwrap().written, b"reply");
+        assert_eq!(client_seen.lock().unwrap().closes, 1);
+    }
+}
