@@ -30,6 +30,14 @@ use crate::Error;
 /// proxy copy without end before the tunnel even exists.
 const MAX_REFUSAL_BODY: usize = 64 * 1024;
 
+/// How long a refused client's further input is read and discarded before the socket is
+/// dropped (see `Flow::answer`): long enough for a response to cross a slow link, short enough
+/// that a client that keeps sending cannot hold the task.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// The most input discarded while lingering.
+const LINGER_BYTES: usize = 256 * 1024;
+
 /// The largest response head accepted from a backend. Larger than a client's cap, because a
 /// backend may set many cookies; still bounded, so a broken backend cannot exhaust memory.
 const BACKEND_HEAD_MAX: usize = 16 * 1024;
@@ -299,15 +307,33 @@ impl Flow {
 
     /// Sends a response the client gets instead of a tunnel, then closes. A client that never
     /// reads must not hold the task, so the write is bounded by the read timeout too.
-    async fn answer<S: futures_lite::AsyncWrite + Unpin>(
+    async fn answer<S: futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin>(
         &self,
         net: &impl Net,
         client: &mut S,
         bytes: &[u8],
     ) {
-        let _ = net::timeout(net, self.read_timeout, async {
+        let sent = net::timeout(net, self.read_timeout, async {
             client.write_all(bytes).await?;
             client.close().await
+        })
+        .await;
+        if sent.is_err() {
+            return;
+        }
+        // Lingering close, as nginx does: closing a socket with unread input makes the kernel
+        // send a reset, which can destroy the response before the client reads it (a 431 for
+        // a head the client is still sending). So read and discard for a bounded while first.
+        let _ = net::timeout(net, LINGER, async {
+            let mut sink = [0u8; 4096];
+            let mut left = LINGER_BYTES;
+            while left > 0 {
+                match client.read(&mut sink).await? {
+                    0 => break,
+                    n => left = left.saturating_sub(n),
+                }
+            }
+            Ok(())
         })
         .await;
     }
