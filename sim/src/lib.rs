@@ -255,6 +255,17 @@ pub async fn serve_proxy(proxy: portcullis::TcpProxy) -> turmoil::Result {
     Ok(())
 }
 
+/// The software of a WebSocket proxy host: binds `0.0.0.0:`[`PROXY_PORT`] and runs `proxy` on
+/// [`SimNet`] until the host crashes.
+pub async fn serve_ws_proxy(proxy: portcullis::WsProxy) -> turmoil::Result {
+    let net = SimNet;
+    let listener = portcullis::Net::bind(&net, &format!("0.0.0.0:{PROXY_PORT}")).await?;
+    proxy
+        .serve_with(net, listener, std::future::pending())
+        .await?;
+    Ok(())
+}
+
 /// The software of an echo backend: accepts on `0.0.0.0:port` and runs [`echo`] on every
 /// connection, each on its own task.
 pub async fn echo_server(port: u16) -> turmoil::Result {
@@ -439,6 +450,212 @@ pub async fn no_streams_left_on(host: &str, limit: Duration) -> Result<(), Strin
             "{host} still has {} TCP stream(s) open {limit:?} after the clients finished",
             turmoil::established_tcp_stream_count_on(host)
         ))
+    }
+}
+
+/// The `Sec-WebSocket-Key` of every upgrade request [`upgrade_request`] builds (the example
+/// key of RFC 6455 §1.3).
+pub const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+/// The largest response head the client helpers read: as large as the proxy accepts from a
+/// backend.
+const RESPONSE_HEAD_MAX: usize = 16 * 1024;
+
+/// A valid WebSocket upgrade request for `path`, with the key [`WS_KEY`].
+pub fn upgrade_request(path: &str) -> Vec<u8> {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: proxy\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+/// The `101 Switching Protocols` head a [`ws_backend`] answers an upgrade with `key` with.
+pub fn switching_protocols(key: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Accept: {}\r\n\r\n",
+        portcullis::handshake::accept_key(key)
+    )
+    .into_bytes()
+}
+
+/// A single-frame (FIN) WebSocket message: `opcode` (1 text, 2 binary), `payload`, masked with
+/// `mask` when there is one, as a client must. Payloads up to 64 KiB.
+pub fn ws_frame(opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+    let mut out = vec![0x80 | (opcode & 0x0f)];
+    let masked = if mask.is_some() { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => out.push(masked | n as u8),
+        n => {
+            let n = u16::try_from(n).expect("ws_frame takes payloads up to 64 KiB");
+            out.push(masked | 126);
+            out.extend_from_slice(&n.to_be_bytes());
+        }
+    }
+    match mask {
+        None => out.extend_from_slice(payload),
+        Some(mask) => {
+            out.extend_from_slice(&mask);
+            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        }
+    }
+    out
+}
+
+/// The status code of an HTTP response head (`HTTP/1.1 504 Gateway Timeout` → 504).
+pub fn status_code(head: &[u8]) -> Option<u16> {
+    let line = head.split(|&b| b == b'\n').next()?;
+    let code = line.strip_prefix(b"HTTP/1.1 ")?.get(..3)?;
+    std::str::from_utf8(code).ok()?.parse().ok()
+}
+
+/// The value of the first header `name` (ASCII case-insensitive) in an HTTP head, trimmed.
+pub fn header_value<'a>(head: &'a [u8], name: &str) -> Option<&'a str> {
+    let text = std::str::from_utf8(head).ok()?;
+    text.split("\r\n").skip(1).find_map(|line| {
+        let (n, v) = line.split_once(':')?;
+        n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// Reads an HTTP head from `r` with [`portcullis::handshake::read_head`] (the proxy's own
+/// incremental reader); bytes that came after the head are in [`Head::rest`](portcullis::handshake::Head::rest).
+/// A close before the head ended is `UnexpectedEof`.
+pub async fn read_http_head<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> io::Result<portcullis::handshake::Head> {
+    use portcullis::handshake::HeadError;
+    portcullis::handshake::read_head(&mut r.compat(), max)
+        .await
+        .map_err(|e| match e {
+            HeadError::Io(e) => e,
+            HeadError::Eof { .. } => io::Error::new(io::ErrorKind::UnexpectedEof, e.to_string()),
+            HeadError::TooLarge => io::Error::new(io::ErrorKind::InvalidData, e.to_string()),
+        })
+}
+
+/// The client side of an upgrade: writes [`upgrade_request`]`("/")` and then `pipelined` (the
+/// first bytes of the tunnel) in one write, and reads the response head. The head may be the
+/// 101 or a refusal; either way the bytes after it are in [`Head::rest`](portcullis::handshake::Head::rest).
+pub async fn ws_upgrade(
+    stream: &mut turmoil::net::TcpStream,
+    pipelined: &[u8],
+) -> io::Result<portcullis::handshake::Head> {
+    let mut out = upgrade_request("/");
+    out.extend_from_slice(pipelined);
+    stream.write_all(&out).await?;
+    read_http_head(stream, RESPONSE_HEAD_MAX).await
+}
+
+/// What a [`ws_backend`] does once it has read an upgrade request's head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WsAnswer {
+    /// Answers with [`switching_protocols`] for the request's key followed, in the same write,
+    /// by `greeting` (may be empty); then echoes every byte after the head (those that came
+    /// with it first) until the peer's FIN, and half-closes.
+    Upgrade {
+        /// Bytes written right behind the 101, as a server's first frame.
+        greeting: Vec<u8>,
+    },
+    /// Never answers: reads (and records) until the peer closes.
+    Silence,
+    /// Closes the connection at once without answering.
+    Hangup,
+}
+
+/// One connection a [`ws_backend`] accepted, as it saw it.
+#[derive(Debug, Clone, Default)]
+pub struct WsConn {
+    /// The request head, blank line included; empty until it has been read.
+    pub head: Vec<u8>,
+    /// When (simulation time) the head had been read.
+    pub head_at: Option<Duration>,
+    /// Every byte after the head, in order of arrival.
+    pub received: Vec<u8>,
+    /// When (simulation time) and how the read side ended; `None` while open, or when the
+    /// host crashed first.
+    pub ended: Option<(Duration, End)>,
+}
+
+/// The connections of a [`ws_backend`] in order of acceptance, shared with the test (hosts and
+/// the test run on one thread, so an `Rc` is enough).
+pub type WsLog = std::rc::Rc<RefCell<Vec<WsConn>>>;
+
+/// The software of a minimal WebSocket backend: accepts on `0.0.0.0:port`, reads each
+/// connection's request head with [`portcullis::handshake::read_head`], and answers as `answer`
+/// says, recording what it saw in `log`. It checks nothing about the request beyond taking its
+/// `Sec-WebSocket-Key`: the scenarios check what it recorded.
+pub async fn ws_backend(port: u16, answer: WsAnswer, log: WsLog) -> turmoil::Result {
+    let listener = turmoil::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).await?;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let i = {
+            let mut log = log.borrow_mut();
+            log.push(WsConn::default());
+            log.len() - 1
+        };
+        tokio::task::spawn_local(ws_backend_connection(
+            stream,
+            answer.clone(),
+            log.clone(),
+            i,
+        ));
+    }
+}
+
+async fn ws_backend_connection(
+    mut stream: turmoil::net::TcpStream,
+    answer: WsAnswer,
+    log: WsLog,
+    i: usize,
+) {
+    let ended = |end: End| log.borrow_mut()[i].ended = Some((sim_time(), end));
+    let head = match read_http_head(&mut stream, RESPONSE_HEAD_MAX).await {
+        Ok(head) => head,
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return ended(End::Eof),
+        Err(e) => return ended(End::Error(e.kind())),
+    };
+    {
+        let mut log = log.borrow_mut();
+        log[i].head.clone_from(&head.bytes);
+        log[i].head_at = Some(sim_time());
+        log[i].received.extend_from_slice(&head.rest);
+    }
+    let echo = match answer {
+        WsAnswer::Hangup => return,
+        WsAnswer::Silence => false,
+        WsAnswer::Upgrade { greeting } => {
+            let key = header_value(&head.bytes, "sec-websocket-key").unwrap_or("");
+            let mut out = switching_protocols(key);
+            out.extend_from_slice(&greeting);
+            out.extend_from_slice(&head.rest);
+            if let Err(e) = stream.write_all(&out).await {
+                return ended(End::Error(e.kind()));
+            }
+            true
+        }
+    };
+    let mut buf = vec![0; 4096];
+    loop {
+        match stream.read(&mut buf).await {
+            Ok(0) => {
+                if echo {
+                    let _ = stream.shutdown().await;
+                }
+                return ended(End::Eof);
+            }
+            Ok(n) => {
+                log.borrow_mut()[i].received.extend_from_slice(&buf[..n]);
+                if echo {
+                    if let Err(e) = stream.write_all(&buf[..n]).await {
+                        return ended(End::Error(e.kind()));
+                    }
+                }
+            }
+            Err(e) => return ended(End::Error(e.kind())),
+        }
     }
 }
 
