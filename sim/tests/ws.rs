@@ -97,13 +97,17 @@ fn within(what: &str, took: Duration, lo: Duration, hi: Duration) -> Result<(), 
     Ok(())
 }
 
-/// Reads the rest of a response the proxy answered instead of a tunnel, after its head; checks
-/// the proxy then closed the connection (end of file within a second), and closes the client's
-/// side too, as a client does. (The proxy lingers after a refusal, reading and discarding until
-/// the client closes or a couple of seconds pass, so only then does it let go of the socket.)
+/// Reads the rest of a response the proxy answered instead of a tunnel, after its head, and
+/// checks the proxy closed the connection right behind it: end of file within `slack` of
+/// `answered_at` (simulation time), [`TICKS`] on a link of fixed latency, more where the FIN may
+/// take longer than the response did. Then closes the client's side too, as a client does: the
+/// proxy lingers after a refusal, reading and discarding until the client closes or a couple of
+/// seconds pass, and only then lets go of the socket.
 async fn read_to_close(
     mut s: turmoil::net::TcpStream,
     mut got: Vec<u8>,
+    answered_at: Duration,
+    slack: Duration,
 ) -> Result<Vec<u8>, String> {
     let end = read_until(
         &mut s,
@@ -117,6 +121,12 @@ async fn read_to_close(
             "after the response, the proxy did not close the connection: {end:?}"
         ));
     }
+    within(
+        "the close, after the response head",
+        sim_time() - answered_at,
+        Duration::ZERO,
+        slack,
+    )?;
     s.shutdown().await.map_err(|e| format!("shutdown: {e}"))?;
     Ok(got)
 }
@@ -225,7 +235,7 @@ fn backend_that_never_answers_the_upgrade_gets_the_client_a_504_at_exactly_the_u
                 .map_err(|_| format!("no answer within {:?}", 3 * timeout))??;
             let answered_at = sim_time();
             check_status(&head.bytes, 504)?;
-            read_to_close(s, head.rest).await?;
+            read_to_close(s, head.rest, answered_at, TICKS).await?;
 
             // The upgrade timeout runs from the proxy's write of the head, which reached the
             // backend one link latency later; the 504 takes one link latency back too.
@@ -314,10 +324,11 @@ fn failing_mid_handshake(seed: u64, fault: Fault, healthy_next: bool) -> turmoil
         let head = tokio::time::timeout(upgrade_timeout, ws_upgrade(&mut s, &first))
             .await
             .map_err(|_| "no answer within the upgrade timeout")??;
-        seen.borrow_mut().answered_at = Some(sim_time());
+        let answered_at = sim_time();
+        seen.borrow_mut().answered_at = Some(answered_at);
         if !healthy_next {
             check_status(&head.bytes, 502)?;
-            read_to_close(s, head.rest).await?;
+            read_to_close(s, head.rest, answered_at, max_latency + TICKS).await?;
             no_streams_left_on("proxy", Duration::from_secs(1)).await?;
             return Ok(());
         }
@@ -461,7 +472,7 @@ fn client_that_stalls_mid_head_is_answered_408_and_closed_at_exactly_the_read_ti
                 .map_err(|_| format!("no answer within {:?}", 3 * timeout))??;
             let answered_at = sim_time();
             check_status(&head.bytes, 408)?;
-            read_to_close(s, head.rest).await?;
+            read_to_close(s, head.rest, answered_at, TICKS).await?;
             within(
                 "the 408, from the accept",
                 answered_at - accepted_at,
