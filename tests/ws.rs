@@ -1072,6 +1072,48 @@ fn requests_are_routed_by_path_and_rewritten() {
 }
 
 #[test]
+fn routes_naming_the_requests_host_come_before_host_less_ones() {
+    run(|ex| async move {
+        let chat = Backend::echo(&ex).await;
+        let feed = Backend::echo(&ex).await;
+        let other = Backend::echo(&ex).await;
+        let proxy = Proxy::from_toml(&format!(
+            r#"
+            [[ws_proxy]]
+            listen = "127.0.0.1:0"
+            backends = ["{other}"]
+
+            [[ws_proxy.route]]
+            host = "feed.example.com"
+            backends = ["{feed}"]
+
+            [[ws_proxy.route]]
+            path = "/ws/chat"
+            backends = ["{chat}"]
+            "#,
+            other = other.target(),
+            chat = chat.target(),
+            feed = feed.target(),
+        ));
+        let cases: &[(&str, &str, &Backend)] = &[
+            ("feed.example.com", "/ws/chat", &feed),
+            ("FEED.example.com:8080", "/anything", &feed),
+            ("chat.example.com", "/ws/chat/room1", &chat),
+            ("chat.example.com", "/anything", &other),
+        ];
+        for (host, path, backend) in cases {
+            let (mut ws, _) = proxy.try_open(path, &[("host", host)]).await.unwrap();
+            let seen = backend.request().await;
+            assert_eq!(seen.line, format!("GET {path} HTTP/1.1"), "Host {host}");
+            round_trip(&mut ws, text(host)).await;
+        }
+        for backend in [&chat, &feed, &other] {
+            assert!(backend.requests.is_empty(), "a request went astray");
+        }
+    });
+}
+
+#[test]
 fn a_path_no_route_matches_gets_404() {
     run(|ex| async move {
         let chat = Backend::echo(&ex).await;
@@ -1381,6 +1423,57 @@ fn a_backend_refusing_the_upgrade_is_heard_by_the_client() {
     });
 }
 
+/// Backend answers to an upgrade of [`KEY`] offering no subprotocol that must not open a
+/// tunnel, each named; every one gets the client a 502.
+#[rustfmt::skip]
+fn bad_upgrade_answers() -> Vec<(&'static str, String)> {
+    let ok = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {ACCEPT}\r\n");
+    let without = |name: &str| -> String {
+        ok.split_inclusive("\r\n").filter(|l| !l.starts_with(name)).collect()
+    };
+    let many: String = (0..=100).map(|i| format!("X-H{i}: v\r\n")).collect();
+    vec![
+        ("a wrong accept", without("Sec-WebSocket-Accept") + "Sec-WebSocket-Accept: AAAAAAAAAAAAAAAAAAAAAAAAAAA=\r\n\r\n"),
+        ("no accept", without("Sec-WebSocket-Accept") + "\r\n"),
+        ("two accepts", format!("{ok}Sec-WebSocket-Accept: {ACCEPT}\r\n\r\n")),
+        ("no Upgrade", without("Upgrade") + "\r\n"),
+        ("Upgrade: h2c", without("Upgrade") + "Upgrade: h2c\r\n\r\n"),
+        ("no Connection", without("Connection") + "\r\n"),
+        ("a subprotocol nobody offered", format!("{ok}Sec-WebSocket-Protocol: chat\r\n\r\n")),
+        ("more than 100 headers", format!("{ok}{many}\r\n")),
+        ("not HTTP", "SSH-2.0-OpenSSH_9.6\r\n\r\n".into()),
+        ("a head over 16 KiB", format!("{ok}X-Big: {}\r\n\r\n", "a".repeat(16 * 1024))),
+        ("half a head, then a close", "HTTP/1.1 101 Switching".into()),
+    ]
+}
+
+#[test]
+fn a_backend_answer_that_is_not_a_valid_101_gets_the_client_502() {
+    run(|ex| async move {
+        // Answers the request for /N with case N, then holds the connection open (except the
+        // case that closes), so the proxy judges the answer, not the end of the connection.
+        let backend = Backend::raw(&ex, |mut stream, head, _, _| async move {
+            let n: usize = head
+                .split_whitespace()
+                .nth(1)
+                .and_then(|target| target[1..].parse().ok())
+                .expect("a case number");
+            let (name, answer) = bad_upgrade_answers().swap_remove(n);
+            let _ = stream.write_all(answer.as_bytes()).await;
+            if !name.contains("close") {
+                future::pending::<()>().await;
+            }
+        })
+        .await;
+        let proxy = Proxy::start(WsProxy::new([backend.target()]));
+        for (n, (name, _)) in bad_upgrade_answers().iter().enumerate() {
+            let answer = exchange(&proxy, upgrade(&format!("/{n}"), "").as_bytes()).await;
+            assert_eq!(answer.status(), 502, "a backend answering with {name}");
+            assert!(answer.closed, "{name}");
+        }
+    });
+}
+
 #[test]
 fn a_refused_backend_gets_the_client_502() {
     run(|_| async move {
@@ -1437,6 +1530,26 @@ fn a_backend_closing_before_its_answer_fails_over_to_the_next() {
         }
         assert_eq!(closing.accepted(), 1);
         assert_eq!(backend.accepted(), 2);
+    });
+}
+
+#[test]
+fn frames_pipelined_behind_the_head_survive_a_failover() {
+    run(|ex| async move {
+        // Reads the head and what came with it, then hangs up without answering.
+        let closing = Backend::raw(&ex, |stream, _, _, _| async move { drop(stream) }).await;
+        let backend = Backend::by_hand(&ex, Vec::new()).await;
+        let proxy = Proxy::start(WsProxy::new([closing.target(), backend.target()]));
+        let mut stream = proxy.connect().await;
+        let mut out = upgrade("/chat", "").into_bytes();
+        out.extend_from_slice(&client_frame(0x1, b"sent before the 101"));
+        stream.write_all(&out).await.unwrap();
+        let (head, rest) = promptly("the 101", read_head(&mut stream)).await.unwrap();
+        check_101(&head, "after a failover");
+        assert_eq!(backend.message().await, text("sent before the 101"));
+        let mut ws = WebSocketStream::from_partially_read(stream, rest, Role::Client, None).await;
+        assert_eq!(next_message(&mut ws).await, text("sent before the 101"));
+        assert_eq!(closing.accepted(), 1, "the first backend was not tried");
     });
 }
 
