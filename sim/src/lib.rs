@@ -534,8 +534,9 @@ pub fn header_value<'a>(head: &'a [u8], name: &str) -> Option<&'a str> {
 }
 
 /// Reads an HTTP head from `r` with [`portcullis::handshake::read_head`] (the proxy's own
-/// incremental reader); bytes that came after the head are in [`Head::rest`](portcullis::handshake::Head::rest).
-/// A close before the head ended is `UnexpectedEof`.
+/// incremental reader); bytes that came after the head are in
+/// [`Head::rest`](portcullis::handshake::Head::rest). A close before the head ended is
+/// `UnexpectedEof`.
 pub async fn read_http_head<R: AsyncRead + Unpin>(
     r: &mut R,
     max: usize,
@@ -552,7 +553,8 @@ pub async fn read_http_head<R: AsyncRead + Unpin>(
 
 /// The client side of an upgrade: writes [`upgrade_request`]`("/")` and then `pipelined` (the
 /// first bytes of the tunnel) in one write, and reads the response head. The head may be the
-/// 101 or a refusal; either way the bytes after it are in [`Head::rest`](portcullis::handshake::Head::rest).
+/// 101 or a refusal; either way the bytes after it are in
+/// [`Head::rest`](portcullis::handshake::Head::rest).
 pub async fn ws_upgrade(
     stream: &mut turmoil::net::TcpStream,
     pipelined: &[u8],
