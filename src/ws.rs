@@ -418,6 +418,12 @@ impl Flow {
                         "ws name={} client={peer} cannot connect to backend {backend}: {e}",
                         self.name
                     );
+                    // As nginx: the last backend's failure decides, 504 for a timeout.
+                    last = Ended::Refused(if e.kind() == io::ErrorKind::TimedOut {
+                        Refusal::GatewayTimeout
+                    } else {
+                        Refusal::BadGateway
+                    });
                     continue;
                 }
             };
