@@ -664,3 +664,42 @@ fn frames_pipelined_with_the_head_arrive_once_and_in_order_and_a_greeting_sent_w
         sim.run()
     });
 }
+
+#[test]
+fn backend_that_hangs_on_connect_gets_the_client_a_504_at_the_connect_timeout() {
+    run_seeds(test_name!(), |seed| {
+        let timeout = Rng::new(seed).millis(100, 1000);
+        let backends = [(
+            "held",
+            WsAnswer::Upgrade {
+                greeting: Vec::new(),
+            },
+        )];
+        let proxy = WsProxy::new(addrs(&backends)).connect_timeout_ms(timeout.as_millis() as u64);
+        let (mut sim, logs) = world(seed, LINK, Duration::from_secs(30), &backends, proxy);
+        sim.client("client", async move {
+            let mut s = connect_proxy().await?;
+            let sent_at = sim_time();
+            let head = tokio::time::timeout(3 * timeout, ws_upgrade(&mut s, b""))
+                .await
+                .map_err(|_| format!("no answer within {:?}", 3 * timeout))??;
+            check_status(&head.bytes, 504)?;
+            // The request reaches the proxy one link latency after it was sent, the 504 comes
+            // back one link latency after the connect gave up.
+            within(
+                "the 504, from the request",
+                sim_time() - sent_at,
+                timeout,
+                timeout + 2 * LINK + TICKS,
+            )?;
+            Ok(())
+        });
+        // Connects to the backend hang from the start: the proxy must give up on its own clock.
+        sim.hold("proxy", "held");
+        sim.run()?;
+        if !logs[0].borrow().is_empty() {
+            return Err("the held backend saw a connection".into());
+        }
+        Ok(())
+    });
+}
