@@ -800,6 +800,38 @@ fn one_mib_messages_cross_both_ways_intact() {
 }
 
 #[test]
+fn many_messages_in_flight_both_ways_arrive_in_order() {
+    run(|ex| async move {
+        let backend = Backend::echo(&ex).await;
+        let proxy = Proxy::start(WsProxy::new([backend.target()]));
+        let (mut tx, mut rx) = proxy.open("/chat").await.split();
+        // Each message carries its number and a pattern; 200 × 16 KiB is far more than the
+        // socket buffers hold, so the client's writes, the echo and its reads overlap.
+        let message = |i: u32| {
+            let mut m = i.to_be_bytes().to_vec();
+            m.extend_from_slice(&pattern(i, 16 * 1024));
+            Message::binary(m)
+        };
+        const COUNT: u32 = 200;
+        let send = async {
+            for i in 0..COUNT {
+                tx.send(message(i)).await.unwrap();
+            }
+        };
+        let receive = async {
+            for i in 0..COUNT {
+                let got = promptly("the next echo", rx.next()).await;
+                assert!(
+                    matches!(&got, Some(Ok(m)) if *m == message(i)),
+                    "message {i} is missing, altered or out of order"
+                );
+            }
+        };
+        future::zip(send, receive).await;
+    });
+}
+
+#[test]
 fn an_idle_tunnel_outlives_the_read_timeout() {
     run(|ex| async move {
         let backend = Backend::echo(&ex).await;
