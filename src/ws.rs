@@ -460,6 +460,7 @@ impl Flow {
                 Ok(Response::Refused {
                     status,
                     content_length,
+                    chunked,
                 }) => {
                     let bytes = pass_through(
                         net,
@@ -467,6 +468,7 @@ impl Flow {
                         &mut upstream,
                         answer,
                         content_length,
+                        chunked,
                     )
                     .await;
                     Err(Ended::Answered {
@@ -503,16 +505,26 @@ async fn pass_through<S: futures_lite::AsyncRead + Unpin>(
     upstream: &mut S,
     head: Head,
     content_length: Option<u64>,
+    chunked: bool,
 ) -> Vec<u8> {
     let body = content_length.map_or(MAX_REFUSAL_BODY, |n| {
         usize::try_from(n).unwrap_or(usize::MAX)
     });
-    let want = head.bytes.len() + body.min(MAX_REFUSAL_BODY);
+    let head_len = head.bytes.len();
+    let mut want = head_len + body.min(MAX_REFUSAL_BODY);
     let mut bytes = head.bytes;
     bytes.extend_from_slice(&head.rest);
     let _ = net::timeout(net, limit, async {
         let mut chunk = [0u8; 4096];
         while bytes.len() < want {
+            // A chunked body says where it ends; the backend may keep the connection open.
+            if let Some(end) = chunked
+                .then(|| handshake::chunked_body_len(&bytes[head_len..]))
+                .flatten()
+            {
+                want = want.min(head_len + end);
+                break;
+            }
             let n = upstream.read(&mut chunk).await?;
             if n == 0 {
                 break;

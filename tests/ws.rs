@@ -1554,8 +1554,6 @@ fn a_backend_answer_that_is_not_a_valid_101_gets_the_client_502() {
 }
 
 #[test]
-#[ignore = "bug: src/ws.rs pass_through copies a chunked refusal until EOF or upgrade_timeout_ms, \
-            so the client waits the whole timeout for a response the backend sent at once"]
 fn a_backend_refusal_with_a_chunked_body_reaches_the_client_at_once() {
     run(|ex| async move {
         // What Node's `res.writeHead(401); res.end("nope")` sends: no Content-Length, a chunked

@@ -28,6 +28,9 @@ pub enum Response {
         /// under a timeout: the backend was sent `Connection: Upgrade`, not `close`, and may
         /// keep the connection open.
         content_length: Option<u64>,
+        /// The body is chunked (the last transfer coding is `chunked`): it ends where
+        /// [`chunked_body_len`] says, which may be long before the backend closes.
+        chunked: bool,
     },
 }
 
@@ -102,7 +105,7 @@ impl Forwarded {
     /// let answer = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n";
     /// assert_eq!(
     ///     sent.check_response(answer),
-    ///     Ok(Response::Refused { status: 403, content_length: Some(0) })
+    ///     Ok(Response::Refused { status: 403, content_length: Some(0), chunked: false })
     /// );
     /// # Ok::<(), portcullis::handshake::Refusal>(())
     /// ```
@@ -124,16 +127,26 @@ impl Forwarded {
                 .map(|h| h.value)
         };
         if status != 101 {
-            let content_length = if (100..200).contains(&status) || status == 204 || status == 304 {
+            let bodiless = (100..200).contains(&status) || status == 204 || status == 304;
+            let coded = values("transfer-encoding").next().is_some();
+            let content_length = if bodiless {
                 Some(0)
-            } else if values("transfer-encoding").next().is_some() {
+            } else if coded {
                 None
             } else {
                 single_length(values("content-length"))
             };
+            // RFC 9112 §6.3: only a final `chunked` coding makes the body self-delimiting.
+            let last_coding = values("transfer-encoding")
+                .flat_map(|v| v.split(|&b| b == b','))
+                .last()
+                .map(trim);
+            let chunked =
+                !bodiless && last_coding.is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"));
             return Ok(Response::Refused {
                 status,
                 content_length,
+                chunked,
             });
         }
         if !has_token(values("upgrade"), "websocket") || !has_token(values("connection"), "upgrade")
@@ -156,6 +169,44 @@ impl Forwarded {
             }
         }
         Ok(Response::Accepted)
+    }
+}
+
+/// The length of a complete chunked body (RFC 9112 §7.1), trailers included, from its first
+/// byte; `None` while it is still incomplete. A malformed chunk-size line ends the body where it
+/// stands, so a broken backend cannot keep the client waiting for more.
+pub fn chunked_body_len(body: &[u8]) -> Option<usize> {
+    let line_end = |from: usize| {
+        body.get(from..)?
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .map(|i| from + i)
+    };
+    let mut at = 0;
+    loop {
+        let eol = line_end(at)?;
+        let size = std::str::from_utf8(&body[at..eol])
+            .ok()
+            .and_then(|l| l.split(';').next())
+            .and_then(|s| usize::from_str_radix(s.trim(), 16).ok());
+        let Some(size) = size else {
+            return Some(eol + 2);
+        };
+        at = eol + 2;
+        if size == 0 {
+            // Trailer lines, then the blank line.
+            loop {
+                let eol = line_end(at)?;
+                if eol == at {
+                    return Some(at + 2);
+                }
+                at = eol + 2;
+            }
+        }
+        at = at.checked_add(size)?.checked_add(2)?;
+        if at > body.len() {
+            return None;
+        }
     }
 }
 
@@ -190,7 +241,70 @@ mod tests {
         Ok(Response::Refused {
             status,
             content_length,
+            chunked: false,
         })
+    }
+
+    #[test]
+    fn chunked_refusals_are_recognised() {
+        let sent = sent();
+        let chunked = |status, content_length| {
+            Ok(Response::Refused {
+                status,
+                content_length,
+                chunked: true,
+            })
+        };
+        let cases: &[(&[&str], Result<Response, BadResponse>)] = &[
+            (
+                &["HTTP/1.1 401 Unauthorized", "Transfer-Encoding: chunked"],
+                chunked(401, None),
+            ),
+            (
+                &[
+                    "HTTP/1.1 401 Unauthorized",
+                    "Transfer-Encoding: gzip, Chunked",
+                ],
+                chunked(401, None),
+            ),
+            (
+                &[
+                    "HTTP/1.1 401 Unauthorized",
+                    "Transfer-Encoding: chunked, gzip",
+                ],
+                refused(401, None),
+            ),
+        ];
+        for (lines, want) in cases {
+            assert_eq!(
+                &sent.check_response(head(lines).as_bytes()),
+                want,
+                "{lines:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_end_where_their_last_chunk_says() {
+        let cases: &[(&[u8], Option<usize>)] = &[
+            (b"4\r\nnope\r\n0\r\n\r\n", Some(14)),
+            (b"4\r\nnope\r\n0\r\n\r\nextra", Some(14)),
+            (b"4;ext=1\r\nnope\r\n0\r\nX-Trailer: 1\r\n\r\n", Some(34)),
+            (b"a\r\n0123456789\r\n0\r\n\r\n", Some(20)),
+            (b"4\r\nnope\r\n", None),
+            (b"4\r\nno", None),
+            (b"4\r\nnope\r\n0\r\n", None),
+            (b"", None),
+            (b"zz\r\nwhatever", Some(4)),
+        ];
+        for &(body, want) in cases {
+            assert_eq!(
+                chunked_body_len(body),
+                want,
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
     }
 
     /// A head from its lines: CRLF after each, then the blank line.
@@ -262,7 +376,11 @@ mod tests {
                     "Transfer-Encoding: chunked",
                     "Content-Length: 2",
                 ],
-                refused(200, None),
+                Ok(Response::Refused {
+                    status: 200,
+                    content_length: None,
+                    chunked: true,
+                }),
             ),
             (
                 &[

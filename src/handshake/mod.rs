@@ -110,7 +110,7 @@ mod refusal;
 mod request;
 mod sha1;
 
-pub use backend::{BadResponse, Response};
+pub use backend::{chunked_body_len, BadResponse, Response};
 pub use forward::{forward, ForwardOptions, Forwarded};
 pub use head::{read_head, Head, HeadError};
 pub use refusal::{reason, response, write_refusal, Refusal};
