@@ -31,6 +31,8 @@ pub mod config;
 mod error;
 pub mod handshake;
 pub mod net;
+pub mod policy;
+pub mod proxy_protocol;
 pub mod relay;
 mod route;
 mod server;
