@@ -1,0 +1,215 @@
+//! The `portcullis` binary as a user runs it: exit codes, messages, and proxies started from
+//! flags and from a config file carrying traffic on loopback.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+fn portcullis() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_portcullis"))
+}
+
+/// Runs the binary to completion and returns (exit code, stdout, stderr).
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = portcullis().args(args).output().expect("run portcullis");
+    let text = |b: Vec<u8>| String::from_utf8(b).expect("utf-8 output");
+    (
+        out.status.code().unwrap_or(-1),
+        text(out.stdout),
+        text(out.stderr),
+    )
+}
+
+/// A running proxy process, killed when dropped.
+struct Running {
+    child: Child,
+    /// The address of each `listening` line, in order.
+    addrs: Vec<SocketAddr>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts the binary and waits for `listeners` "listening" lines on stderr (port 0 is resolved
+/// to the real address there).
+fn start(args: &[&str], listeners: usize) -> Running {
+    let mut child = portcullis()
+        .args(args)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start portcullis");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(addr) = line.split("addr=").nth(1) {
+                let addr = addr.split_whitespace().next().unwrap_or("").to_string();
+                if tx.send(addr).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let mut running = Running {
+        child,
+        addrs: Vec::new(),
+    };
+    for _ in 0..listeners {
+        let addr = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("a listening line");
+        running.addrs.push(addr.parse().expect("a socket address"));
+    }
+    running
+}
+
+/// An echo server on a free loopback port, on its own thread.
+fn echo_backend() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().map_while(Result::ok) {
+            std::thread::spawn(move || {
+                let mut reader = stream.try_clone().unwrap();
+                let mut writer = stream;
+                let _ = std::io::copy(&mut reader, &mut writer);
+                let _ = writer.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    addr
+}
+
+fn echo_through(addr: SocketAddr, message: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(message).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).unwrap();
+    got
+}
+
+fn config_file(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("portcullis-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn version_and_help_exit_zero() {
+    let (code, out, _) = run(&["--version"]);
+    assert_eq!(
+        (code, out.trim()),
+        (0, concat!("portcullis ", env!("CARGO_PKG_VERSION")))
+    );
+    let (code, out, _) = run(&["--help"]);
+    assert_eq!(code, 0);
+    for word in ["check", "tcp", "ws", "demo", "--config"] {
+        assert!(out.contains(word), "help does not mention {word}: {out}");
+    }
+}
+
+#[test]
+fn usage_errors_exit_two() {
+    for args in [
+        &["--bogus"][..],
+        &[],
+        &["tcp", "--listen", "127.0.0.1:0"],
+        &["tcp", "--backend", "a:1"],
+    ] {
+        let (code, _, err) = run(args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(!err.is_empty(), "{args:?} printed no message");
+    }
+    let (code, _, err) = run(&["tcp", "--listen", "127.0.0.1:0", "--backend", "nope"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("--backend: \"nope\" is not a backend address"),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_prints_what_would_run_and_rejects_with_the_place() {
+    let valid = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/config/valid/rws_sections.toml"
+    );
+    let (code, out, err) = run(&["check", "--config", valid]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("ok, 2 listener(s)"), "{out}");
+    assert!(
+        out.contains("tcp_proxy \"postgres\": listen 0.0.0.0:5432 -> db-1:5432, db-2:5432"),
+        "{out}"
+    );
+    assert!(
+        out.contains("ws_proxy \"chat\": listen 0.0.0.0:8080"),
+        "{out}"
+    );
+
+    let invalid = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/config/invalid/empty_backends.toml"
+    );
+    let (code, out, err) = run(&["check", "--config", invalid]);
+    assert_eq!(code, 2);
+    assert!(out.is_empty(), "{out}");
+    assert!(
+        err.starts_with(&format!(
+            "error: {invalid}:4:12: [[tcp_proxy]] #1, field `backends`"
+        )),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_address_in_use_exits_one_naming_it() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (code, _, err) = run(&["tcp", "--listen", &addr, "--backend", "127.0.0.1:9"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(&format!("cannot listen on {addr}")), "{err}");
+}
+
+#[test]
+fn a_one_off_tcp_proxy_from_flags_carries_bytes() {
+    let backend = echo_backend().to_string();
+    let proxy = start(
+        &["tcp", "--listen", "127.0.0.1:0", "--backend", &backend],
+        1,
+    );
+    assert_eq!(
+        echo_through(proxy.addrs[0], b"ping over tcp"),
+        b"ping over tcp"
+    );
+}
+
+#[test]
+fn a_config_file_runs_every_section() {
+    let backend = echo_backend();
+    let file = config_file(
+        "two.toml",
+        &format!(
+            "[[tcp_proxy]]\nname = \"one\"\nlisten = \"127.0.0.1:0\"\nbackends = [\"{backend}\"]\n\n\
+             [[ws_proxy]]\nname = \"two\"\nbind = \"127.0.0.2:0\"\nbackends = [\"{backend}\"]\n"
+        ),
+    );
+    let proxy = start(&["--config", file.to_str().unwrap()], 2);
+    assert_eq!(echo_through(proxy.addrs[0], b"first"), b"first");
+    // The WebSocket section answers a plain GET with a clear refusal.
+    let answer = echo_through(proxy.addrs[1], b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+        "{answer}"
+    );
+}
