@@ -6,6 +6,7 @@
 //!   ([`SmolNet`]). Every flow is generic over it, so the same code runs under turmoil in `sim/`.
 //! - [`relay`]: the bidirectional copy of an established tunnel ([`Relay`]).
 //! - [`balancer`]: backend pools and selection ([`Pool`], [`Backend`]).
+//! - [`health`]: passive and active backend health.
 //! - [`tcp`]: the L4 flow and its builder ([`TcpProxy`]).
 //! - [`handshake`]: the HTTP/1.1 upgrade: reading heads, validation, header rewriting.
 //! - `route`: which WebSocket route a request takes, and the path its backend sees.
@@ -30,6 +31,7 @@ pub mod balancer;
 pub mod config;
 mod error;
 pub mod handshake;
+pub mod health;
 pub mod net;
 pub mod policy;
 pub mod proxy_protocol;
