@@ -1,32 +1,53 @@
 //! Backend pools and how a connection picks its backend.
 //!
-//! A [`Pool`] hands each new connection an order in which to try its backends: round robin picks
-//! where the order starts, and the rest of the pool follows, so a connection that cannot reach its
-//! first backend fails over to the next, each backend at most once.
+//! A [`Pool`] holds the backends of one section or route with their live state (connections
+//! open, passive and active health) and a selection [`Balance`]. A connection asks the pool for
+//! [`Attempts`]: each attempt leases one eligible backend (healthy, below its
+//! `max_connections`, not yet tried by this connection); a failed connect is recorded against
+//! that backend and the next attempt goes elsewhere, each backend at most once, within the retry
+//! count and the connect budget. Backup backends are used only when no primary can take the
+//! connection.
 
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use crate::net::{self, Net};
-use crate::Error;
+use crate::health::{Active, Availability, Flip, Passive, PassiveConfig};
+use crate::log::warn;
+use crate::policy::{self, LeastConnections, Random, Ring, SmoothWeighted};
 
-/// One backend, as configured: `host:port`. A host name is resolved at each connect, so DNS
-/// changes reach the next connection.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One backend, as configured, with its live state.
+///
+/// The address is `host:port`; a host name is resolved at each connect, so DNS changes reach
+/// the next connection.
+#[derive(Debug)]
 pub struct Backend {
     addr: String,
     /// For a WebSocket backend written `ws://host:port/path`: the path prefix put in front of
     /// every request path sent to it. Empty otherwise.
     path: String,
+    weight: u32,
+    max_connections: Option<usize>,
+    backup: bool,
+    /// Connections open to this backend now (leases not yet dropped).
+    active: AtomicUsize,
+    passive: Passive,
+    checks: Active,
 }
 
 impl Backend {
-    /// A backend at `addr` (`host:port`).
+    /// A backend at `addr` (`host:port`), weight 1, no connection limit, not a backup.
     pub fn new(addr: impl Into<String>) -> Self {
         Backend {
             addr: addr.into(),
             path: String::new(),
+            weight: 1,
+            max_connections: None,
+            backup: false,
+            active: AtomicUsize::new(0),
+            passive: Passive::new(PassiveConfig::default()),
+            checks: Active::default(),
         }
     }
 
@@ -55,10 +76,33 @@ impl Backend {
             format!("{authority}:80")
         };
         crate::config::check_addr(&addr, false)?;
-        Ok(Backend {
-            addr,
-            path: path.to_string(),
-        })
+        let mut backend = Backend::new(addr);
+        backend.path = path.to_string();
+        Ok(backend)
+    }
+
+    /// Sets the share of connections this backend gets relative to the others (default 1).
+    pub fn weight(mut self, weight: u32) -> Self {
+        self.weight = weight.max(1);
+        self
+    }
+
+    /// Caps the connections open to this backend at once (default: no cap).
+    pub fn max_connections(mut self, max: Option<usize>) -> Self {
+        self.max_connections = max;
+        self
+    }
+
+    /// Makes this a backup: it takes connections only when no primary can.
+    pub fn backup(mut self, backup: bool) -> Self {
+        self.backup = backup;
+        self
+    }
+
+    /// Sets when passive health ejects this backend.
+    pub fn passive(mut self, config: PassiveConfig) -> Self {
+        self.passive = Passive::new(config);
+        self
     }
 
     /// The address as configured: `host:port`.
@@ -70,6 +114,27 @@ impl Backend {
     pub fn path(&self) -> &str {
         &self.path
     }
+
+    /// Connections open to this backend now.
+    pub fn active_connections(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Whether this backend may take new connections (passive and active health agree).
+    pub fn is_healthy(&self, now: Instant) -> bool {
+        self.checks.is_up() && self.passive.availability(now) != Availability::Ejected
+    }
+
+    /// Its active-check state, for the checker.
+    #[allow(dead_code)] // used by the active health checker (next commit)
+    pub(crate) fn checks(&self) -> &Active {
+        &self.checks
+    }
+
+    fn has_room(&self) -> bool {
+        self.max_connections
+            .is_none_or(|max| self.active_connections() < max)
+    }
 }
 
 impl fmt::Display for Backend {
@@ -78,64 +143,356 @@ impl fmt::Display for Backend {
     }
 }
 
-/// A set of interchangeable backends with round-robin selection.
-///
-/// The counter is a lock-free atomic, so connections accepted on different threads never contend
-/// on a lock to pick a backend.
+/// How a pool picks among its eligible backends.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Balance {
+    /// Smooth weighted round robin (plain round robin when the weights are equal).
+    RoundRobin,
+    /// The fewer open connections per weight, of two backends chosen at random.
+    LeastConnections,
+    /// Consistent hashing of a key (the client's IP by default), optionally with bounded load:
+    /// a key spills to the next backend on the ring when its own has more than
+    /// `balance_factor` × the average load.
+    Hash {
+        /// The bound on load, e.g. 1.25; `None` for plain consistent hashing.
+        balance_factor: Option<f64>,
+    },
+    /// Weighted random.
+    Random,
+}
+
+/// What [`Balance::Hash`] hashes to keep a client on one backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    /// The client's IP address (the default; the only key a TCP connection has).
+    ClientIp,
+    /// A request header's value (WebSocket), `header:NAME`.
+    Header(String),
+    /// A cookie's value (WebSocket), `cookie:NAME`.
+    Cookie(String),
+    /// A query parameter's value (WebSocket), `query:NAME`.
+    Query(String),
+}
+
+impl HashKey {
+    /// Parses `client_ip`, `header:NAME`, `cookie:NAME` or `query:NAME`.
+    pub fn parse(s: &str) -> Result<HashKey, String> {
+        let named = |name: &str| {
+            if name.is_empty() || name.contains(|c: char| c.is_whitespace() || c == ';' || c == '=')
+            {
+                Err(format!("{s:?} needs a name after the colon"))
+            } else {
+                Ok(name.to_string())
+            }
+        };
+        match s.split_once(':') {
+            None if s == "client_ip" => Ok(HashKey::ClientIp),
+            Some(("header", n)) => named(n).map(|n| HashKey::Header(n.to_ascii_lowercase())),
+            Some(("cookie", n)) => named(n).map(HashKey::Cookie),
+            Some(("query", n)) => named(n).map(HashKey::Query),
+            _ => Err(format!("{s:?} is not a hash key")),
+        }
+    }
+}
+
+impl fmt::Display for HashKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HashKey::ClientIp => f.write_str("client_ip"),
+            HashKey::Header(n) => write!(f, "header:{n}"),
+            HashKey::Cookie(n) => write!(f, "cookie:{n}"),
+            HashKey::Query(n) => write!(f, "query:{n}"),
+        }
+    }
+}
+
+/// How many attempts a connection may make, and how long they may take in all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retry {
+    /// How long one connect may take.
+    pub connect_timeout: Duration,
+    /// Attempts after the first; `None` for every backend once.
+    pub retries: Option<usize>,
+    /// How long all attempts together may take; `None` for no limit beyond the per-connect one.
+    pub budget: Option<Duration>,
+}
+
+impl Retry {
+    /// The retry settings of a section or route.
+    pub fn from_config(balancing: &crate::config::Balancing, connect_timeout_ms: u64) -> Retry {
+        Retry {
+            connect_timeout: Duration::from_millis(connect_timeout_ms),
+            retries: balancing.retries,
+            budget: balancing.connect_budget_ms.map(Duration::from_millis),
+        }
+    }
+}
+
+/// A set of interchangeable backends and the policy that spreads connections over them.
 #[derive(Debug)]
 pub struct Pool {
-    backends: Vec<Backend>,
-    next: AtomicUsize,
+    name: String,
+    backends: Vec<Arc<Backend>>,
+    weights: Vec<u32>,
+    balance: Balance,
+    round_robin: SmoothWeighted,
+    least: LeastConnections,
+    ring: Ring,
+    random: Random,
 }
 
 impl Pool {
-    /// A pool over `backends`, tried in the order given.
+    /// A round-robin pool over `backends`.
     pub fn new(backends: Vec<Backend>) -> Self {
+        Pool::with_balance("pool", backends, Balance::RoundRobin)
+    }
+
+    /// A pool named `name` (for health log lines) over `backends`, picking by `balance`.
+    pub fn with_balance(name: &str, backends: Vec<Backend>, balance: Balance) -> Self {
+        let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
+        let ids: Vec<(String, u32)> = backends
+            .iter()
+            .map(|b| (b.addr.clone(), b.weight))
+            .collect();
+        // A fixed seed: the random choices only need to be spread, not unpredictable, and a
+        // fixed seed keeps simulations reproducible.
+        let seed = policy::hash_key(name.as_bytes());
         Pool {
-            backends,
-            next: AtomicUsize::new(0),
+            name: name.to_string(),
+            round_robin: SmoothWeighted::new(&weights),
+            least: LeastConnections::new(seed),
+            ring: Ring::new(&ids),
+            random: Random::new(seed ^ 0x9E37_79B9_7F4A_7C15),
+            weights,
+            balance,
+            backends: backends.into_iter().map(Arc::new).collect(),
         }
+    }
+
+    /// A pool as a section or route configures it; `websocket` allows `ws://` backends.
+    pub fn from_config(
+        name: &str,
+        backends: &[crate::config::BackendConfig],
+        balancing: &crate::config::Balancing,
+        websocket: bool,
+    ) -> Result<Pool, String> {
+        let passive = PassiveConfig {
+            max_fails: balancing.max_fails,
+            fail_timeout: Duration::from_millis(balancing.fail_timeout_ms),
+        };
+        let mut built = Vec::new();
+        for b in backends {
+            let backend = if websocket {
+                Backend::parse_ws(&b.address)
+            } else {
+                crate::config::check_addr(&b.address, false)
+                    .map(|()| Backend::new(b.address.clone()))
+            };
+            let backend = backend.map_err(|why| format!("backend {:?}: {why}", b.address))?;
+            built.push(
+                backend
+                    .weight(b.weight)
+                    .max_connections(b.max_connections)
+                    .backup(b.backup)
+                    .passive(passive),
+            );
+        }
+        if built.is_empty() {
+            return Err("no backends".into());
+        }
+        Ok(Pool::with_balance(name, built, balancing.balance))
     }
 
     /// The backends, as configured.
-    pub fn backends(&self) -> &[Backend] {
+    pub fn backends(&self) -> &[Arc<Backend>] {
         &self.backends
     }
 
-    /// The order in which one new connection tries backends: every backend exactly once,
-    /// starting at the next one in round-robin order.
-    pub fn order(&self) -> impl Iterator<Item = &Backend> + '_ {
-        let n = self.backends.len();
-        let start = if n == 0 {
-            0
-        } else {
-            self.next.fetch_add(1, Ordering::Relaxed) % n
-        };
-        (0..n).map(move |i| &self.backends[(start + i) % n])
+    /// The policy this pool picks by.
+    pub fn balance(&self) -> Balance {
+        self.balance
     }
 
-    /// Connects to the first backend in [`Pool::order`] that accepts within `timeout`.
-    ///
-    /// Each failure is passed to `on_failure` (for logging and health), and the next backend is
-    /// tried; when every backend has failed, the result is [`Error::NoHealthyBackend`].
-    pub async fn connect<N: Net>(
+    /// The attempts one new connection may make; `key` is its hash key (used by
+    /// [`Balance::Hash`]).
+    pub fn attempts(&self, key: Option<u64>, retry: Retry, now: Instant) -> Attempts<'_> {
+        Attempts {
+            pool: self,
+            key,
+            tried: vec![false; self.backends.len()],
+            left: retry
+                .retries
+                .map_or(self.backends.len(), |r| r.saturating_add(1)),
+            deadline: retry.budget.map(|b| now + b),
+            connect_timeout: retry.connect_timeout,
+            leased: 0,
+            last: None,
+        }
+    }
+
+    fn eligible(&self, i: usize, backup: bool, skip: &[bool], now: Instant) -> bool {
+        let b = &self.backends[i];
+        !skip[i] && b.backup == backup && b.is_healthy(now) && b.has_room()
+    }
+
+    /// The first eligible backend after `last` in list order, wrapping around.
+    fn after(&self, last: usize, backup: bool, skip: &[bool], now: Instant) -> Option<usize> {
+        let n = self.backends.len();
+        (1..=n)
+            .map(|k| (last + k) % n)
+            .find(|&i| self.eligible(i, backup, skip, now))
+    }
+
+    /// One pick among backends in the tier (`backup` or not) that pass `skip`.
+    fn pick_in(
         &self,
-        net: &N,
-        timeout: Duration,
-        mut on_failure: impl FnMut(&Error),
-    ) -> Result<(N::Stream, &Backend), Error> {
-        let mut tried = 0;
-        for backend in self.order() {
-            tried += 1;
-            match net::timeout(net, timeout, net.connect(backend.addr())).await {
-                Ok(stream) => return Ok((stream, backend)),
-                Err(source) => on_failure(&Error::UpstreamConnect {
-                    backend: backend.addr.clone(),
-                    source,
-                }),
+        backup: bool,
+        key: Option<u64>,
+        skip: &[bool],
+        now: Instant,
+    ) -> Option<usize> {
+        let eligible = |i: usize| self.eligible(i, backup, skip, now);
+        let active = |i: usize| self.backends[i].active_connections();
+        match self.balance {
+            Balance::RoundRobin => self.round_robin.next(eligible),
+            Balance::LeastConnections => self.least.pick(&self.weights, active, eligible),
+            Balance::Random => self.random.pick(&self.weights, eligible),
+            Balance::Hash { balance_factor } => {
+                let key = key.unwrap_or(0);
+                match balance_factor {
+                    Some(f) => self.ring.pick(key, eligible, Some((&active, f))),
+                    None => self.ring.pick(key, eligible, None),
+                }
             }
         }
-        Err(Error::NoHealthyBackend { tried })
+    }
+}
+
+/// The attempts of one connection: see [`Pool::attempts`].
+#[derive(Debug)]
+pub struct Attempts<'a> {
+    pool: &'a Pool,
+    key: Option<u64>,
+    /// Backends this connection tried, or found unable to take it.
+    tried: Vec<bool>,
+    left: usize,
+    deadline: Option<Instant>,
+    connect_timeout: Duration,
+    leased: usize,
+    /// The backend of the previous attempt.
+    last: Option<usize>,
+}
+
+impl Attempts<'_> {
+    /// The next backend to try, leased (counted as a connection to it) until the lease is
+    /// dropped; `None` when the retries or the budget are used up, or no backend is eligible.
+    pub fn next(&mut self, now: Instant) -> Option<Lease> {
+        if self.left == 0 || self.deadline.is_some_and(|d| now >= d) {
+            return None;
+        }
+        loop {
+            // The policy makes the first pick; a failover goes to the next eligible backend in
+            // list order, so retries neither disturb the policy's shares nor pile onto one
+            // backend.
+            let i = match self.last {
+                None => self
+                    .pool
+                    .pick_in(false, self.key, &self.tried, now)
+                    .or_else(|| self.pool.pick_in(true, self.key, &self.tried, now))?,
+                Some(last) => self
+                    .pool
+                    .after(last, false, &self.tried, now)
+                    .or_else(|| self.pool.after(last, true, &self.tried, now))?,
+            };
+            self.last = Some(i);
+            // Whatever happens next, this connection does not come back to this backend.
+            self.tried[i] = true;
+            let backend = &self.pool.backends[i];
+            let trial = match backend.passive.availability(now) {
+                Availability::Healthy => false,
+                Availability::TrialDue if backend.passive.claim_trial(now) => true,
+                _ => continue,
+            };
+            let before = backend.active.fetch_add(1, Ordering::Relaxed);
+            if backend.max_connections.is_some_and(|max| before >= max) {
+                // Another connection took the last place between the check and now.
+                backend.active.fetch_sub(1, Ordering::Relaxed);
+                if trial {
+                    backend.passive.release_trial();
+                }
+                continue;
+            }
+            self.left -= 1;
+            self.leased += 1;
+            return Some(Lease {
+                backend: backend.clone(),
+                pool: self.pool.name.clone(),
+                trial,
+                settled: false,
+            });
+        }
+    }
+
+    /// How long the next connect may take: the connect timeout, or what is left of the budget.
+    pub fn connect_timeout(&self, now: Instant) -> Duration {
+        match self.deadline {
+            Some(d) => self.connect_timeout.min(d.saturating_duration_since(now)),
+            None => self.connect_timeout,
+        }
+    }
+
+    /// How many backends were leased so far: 0 after the first [`Attempts::next`] means no
+    /// backend was eligible at all (503 for WebSocket), more means every attempt failed.
+    pub fn leased(&self) -> usize {
+        self.leased
+    }
+}
+
+/// One connection's claim on a backend: counted in its open connections until dropped. Tell it
+/// how the connect went, so health can follow.
+#[derive(Debug)]
+pub struct Lease {
+    backend: Arc<Backend>,
+    pool: String,
+    trial: bool,
+    settled: bool,
+}
+
+impl Lease {
+    /// The leased backend.
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    /// The backend took the connection (and, for WebSocket, answered the upgrade).
+    pub fn succeeded(&mut self) {
+        self.settled = true;
+        if self.backend.passive.success() == Some(Flip::Up) {
+            warn!("backend up pool={} backend={}", self.pool, self.backend);
+        }
+    }
+
+    /// The backend failed the connection (refused, timed out, or broke the upgrade) at `now`.
+    pub fn failed(&mut self, now: Instant) {
+        self.settled = true;
+        if let Some(Flip::Down(lasts)) = self.backend.passive.failure(now) {
+            warn!(
+                "backend down pool={} backend={} for_ms={} (consecutive connect failures)",
+                self.pool,
+                self.backend,
+                lasts.as_millis()
+            );
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.backend.active.fetch_sub(1, Ordering::Relaxed);
+        if self.trial && !self.settled {
+            // The client went away before the trial said anything about the backend.
+            self.backend.passive.release_trial();
+        }
     }
 }
 
@@ -143,32 +500,172 @@ impl Pool {
 mod tests {
     use super::*;
 
+    const RETRY: Retry = Retry {
+        connect_timeout: Duration::from_secs(1),
+        retries: None,
+        budget: None,
+    };
+
     fn pool(n: usize) -> Pool {
         Pool::new((0..n).map(|i| Backend::new(format!("b{i}:1"))).collect())
     }
 
-    fn order(p: &Pool) -> Vec<&str> {
-        p.order().map(Backend::addr).collect()
+    /// The backends one connection would try, in order, if every attempt failed.
+    fn order(p: &Pool, now: Instant) -> Vec<String> {
+        let mut attempts = p.attempts(None, RETRY, now);
+        let mut seen = Vec::new();
+        while let Some(lease) = attempts.next(now) {
+            seen.push(lease.backend().addr().to_string());
+        }
+        seen
     }
 
     #[test]
     fn each_connection_starts_at_the_next_backend_and_tries_each_once() {
         let p = pool(3);
-        assert_eq!(order(&p), ["b0:1", "b1:1", "b2:1"]);
-        assert_eq!(order(&p), ["b1:1", "b2:1", "b0:1"]);
-        assert_eq!(order(&p), ["b2:1", "b0:1", "b1:1"]);
-        assert_eq!(order(&p), ["b0:1", "b1:1", "b2:1"]);
+        let now = Instant::now();
+        let mut firsts = Vec::new();
+        for _ in 0..3 {
+            let mut tried = order(&p, now);
+            firsts.push(tried[0].clone());
+            tried.sort();
+            assert_eq!(tried, ["b0:1", "b1:1", "b2:1"]);
+        }
+        firsts.sort();
+        assert_eq!(firsts, ["b0:1", "b1:1", "b2:1"]);
     }
 
     #[test]
-    fn round_robin_spreads_evenly() {
+    fn round_robin_spreads_evenly_and_leases_count_connections() {
         let p = pool(3);
-        let mut counts = [0; 3];
+        let now = Instant::now();
+        let mut leases = Vec::new();
         for _ in 0..300 {
-            let first = p.order().next().unwrap().addr().as_bytes()[1] - b'0';
-            counts[first as usize] += 1;
+            leases.push(p.attempts(None, RETRY, now).next(now).unwrap());
         }
+        let counts: Vec<usize> = p
+            .backends()
+            .iter()
+            .map(|b| b.active_connections())
+            .collect();
         assert_eq!(counts, [100, 100, 100]);
+        drop(leases);
+        assert!(p.backends().iter().all(|b| b.active_connections() == 0));
+    }
+
+    #[test]
+    fn retries_and_the_budget_bound_the_attempts() {
+        let p = pool(5);
+        let now = Instant::now();
+        let retry = Retry {
+            retries: Some(1),
+            ..RETRY
+        };
+        let mut a = p.attempts(None, retry, now);
+        assert!(a.next(now).is_some() && a.next(now).is_some() && a.next(now).is_none());
+
+        let retry = Retry {
+            budget: Some(Duration::from_millis(1500)),
+            ..RETRY
+        };
+        let a = p.attempts(None, retry, now);
+        assert_eq!(a.connect_timeout(now), Duration::from_secs(1));
+        assert_eq!(
+            a.connect_timeout(now + Duration::from_secs(1)),
+            Duration::from_millis(500)
+        );
+        let mut a = p.attempts(None, retry, now);
+        assert!(a.next(now + Duration::from_millis(1500)).is_none());
+        assert_eq!(a.leased(), 0);
+    }
+
+    #[test]
+    fn backups_take_connections_only_when_no_primary_can() {
+        let passive = PassiveConfig {
+            max_fails: 1,
+            fail_timeout: Duration::from_secs(10),
+        };
+        let p = Pool::new(vec![
+            Backend::new("primary:1").passive(passive),
+            Backend::new("backup:1").backup(true),
+        ]);
+        let now = Instant::now();
+        assert_eq!(order(&p, now), ["primary:1", "backup:1"]);
+        // The primary fails once and is ejected: the backup takes over...
+        p.attempts(None, RETRY, now).next(now).unwrap().failed(now);
+        assert_eq!(order(&p, now), ["backup:1"]);
+        // ...and gives back when the primary's trial succeeds.
+        let later = now + Duration::from_secs(10);
+        p.attempts(None, RETRY, later)
+            .next(later)
+            .unwrap()
+            .succeeded();
+        assert_eq!(order(&p, later), ["primary:1", "backup:1"]);
+    }
+
+    #[test]
+    fn a_backend_at_max_connections_is_skipped() {
+        let p = Pool::new(vec![
+            Backend::new("small:1").max_connections(Some(1)),
+            Backend::new("big:1"),
+        ]);
+        let now = Instant::now();
+        let first = p.attempts(None, RETRY, now).next(now).unwrap();
+        assert_eq!(first.backend().addr(), "small:1");
+        for _ in 0..3 {
+            assert_eq!(
+                p.attempts(None, RETRY, now)
+                    .next(now)
+                    .unwrap()
+                    .backend()
+                    .addr(),
+                "big:1"
+            );
+        }
+        drop(first);
+        assert_eq!(order(&p, now).len(), 2);
+    }
+
+    #[test]
+    fn an_ejected_backend_gets_one_trial_after_its_timeout() {
+        let passive = PassiveConfig {
+            max_fails: 2,
+            fail_timeout: Duration::from_secs(1),
+        };
+        let p = Pool::new(vec![
+            Backend::new("flaky:1").passive(passive),
+            Backend::new("ok:1"),
+        ]);
+        let now = Instant::now();
+        let first = |at: Instant| p.attempts(None, RETRY, at).next(at).unwrap();
+        for _ in 0..2 {
+            let mut attempts = p.attempts(None, RETRY, now);
+            while let Some(mut lease) = attempts.next(now) {
+                if lease.backend().addr() == "flaky:1" {
+                    lease.failed(now);
+                    break;
+                }
+            }
+        }
+        for _ in 0..4 {
+            assert_eq!(first(now).backend().addr(), "ok:1", "ejected");
+        }
+        let later = now + Duration::from_secs(1);
+        let trial = (0..2).find_map(|_| {
+            let lease = p.attempts(None, RETRY, later).next(later)?;
+            (lease.backend().addr() == "flaky:1").then_some(lease)
+        });
+        let trial = trial.expect("a trial connection once the ejection is over");
+        // While the trial is under way, nobody else is sent there.
+        for _ in 0..4 {
+            assert_eq!(first(later).backend().addr(), "ok:1", "trial under way");
+        }
+        drop(trial);
+    }
+
+    #[test]
+    fn an_empty_pool_yields_nothing() {
+        assert!(order(&pool(0), Instant::now()).is_empty());
     }
 
     #[test]
@@ -187,14 +684,11 @@ mod tests {
             ("chat", None),
         ];
         for &(spec, want) in cases {
-            let got = Backend::parse_ws(spec).ok().map(|b| (b.addr, b.path));
+            let got = Backend::parse_ws(spec)
+                .ok()
+                .map(|b| (b.addr.clone(), b.path.clone()));
             let want = want.map(|(a, p)| (a.to_string(), p.to_string()));
             assert_eq!(got, want, "{spec}");
         }
-    }
-
-    #[test]
-    fn an_empty_pool_yields_nothing() {
-        assert_eq!(order(&pool(0)), Vec::<&str>::new());
     }
 }

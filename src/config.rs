@@ -26,10 +26,13 @@ use std::collections::HashMap;
 use std::fmt;
 use std::ops::Range;
 use std::path::Path;
+use std::time::Duration;
 
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::balancer::{Balance, HashKey};
+use crate::health::{ActiveConfig, CheckKind};
 use crate::tcp::DEFAULT_CONNECT_TIMEOUT_MS;
 use crate::Error;
 
@@ -47,7 +50,7 @@ pub const DEFAULT_UPGRADE_TIMEOUT_MS: u64 = 5_000;
 pub const DEFAULT_MAX_REQUEST_HEAD_BYTES: usize = 8192;
 
 /// A validated configuration: every section is ready to run.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// The `[[tcp_proxy]]` sections, in file order.
     pub tcp_proxy: Vec<TcpSection>,
@@ -55,21 +58,96 @@ pub struct Config {
     pub ws_proxy: Vec<WsSection>,
 }
 
-/// One `[[tcp_proxy]]` section: a listener whose connections are tunnelled to `backends`.
+/// One backend of a section or route: `"host:port"`, or a table with `address` and options.
 #[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    /// `host:port` (for WebSocket also `ws://host:port/path`).
+    pub address: String,
+    /// Its share of connections relative to the others (default 1).
+    pub weight: u32,
+    /// The most connections open to it at once (default: no limit).
+    pub max_connections: Option<usize>,
+    /// Takes connections only when no primary backend can (default false).
+    pub backup: bool,
+}
+
+impl BackendConfig {
+    /// A backend at `address` with the defaults.
+    pub fn new(address: impl Into<String>) -> Self {
+        BackendConfig {
+            address: address.into(),
+            weight: 1,
+            max_connections: None,
+            backup: false,
+        }
+    }
+}
+
+impl fmt::Display for BackendConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.address)?;
+        if self.weight != 1 {
+            write!(f, " weight={}", self.weight)?;
+        }
+        if let Some(m) = self.max_connections {
+            write!(f, " max_connections={m}")?;
+        }
+        if self.backup {
+            f.write_str(" backup")?;
+        }
+        Ok(())
+    }
+}
+
+/// How a section or route spreads connections and reacts to failing backends.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Balancing {
+    /// The selection policy (`balance`, and `hash_balance_factor` for `hash`).
+    pub balance: Balance,
+    /// What `hash` hashes (`hash_key`).
+    pub hash_key: HashKey,
+    /// Attempts after the first (`retries`); `None` for every backend once.
+    pub retries: Option<usize>,
+    /// How long all connect attempts of one connection may take (`connect_budget_ms`).
+    pub connect_budget_ms: Option<u64>,
+    /// Consecutive connect failures that eject a backend (`max_fails`).
+    pub max_fails: u32,
+    /// How long the first ejection lasts (`fail_timeout_ms`); it doubles on each repeat.
+    pub fail_timeout_ms: u64,
+}
+
+impl Default for Balancing {
+    fn default() -> Self {
+        Balancing {
+            balance: Balance::RoundRobin,
+            hash_key: HashKey::ClientIp,
+            retries: None,
+            connect_budget_ms: None,
+            max_fails: crate::health::DEFAULT_MAX_FAILS,
+            fail_timeout_ms: crate::health::DEFAULT_FAIL_TIMEOUT_MS,
+        }
+    }
+}
+
+/// One `[[tcp_proxy]]` section: a listener whose connections are tunnelled to `backends`.
+#[derive(Debug, Clone, PartialEq)]
 pub struct TcpSection {
     /// Names the section in logs; defaults to `tcp-N` for the N-th section.
     pub name: String,
     /// `host:port` to listen on.
     pub listen: String,
-    /// `host:port` of each backend.
-    pub backends: Vec<String>,
+    /// The backends, `host:port` each.
+    pub backends: Vec<BackendConfig>,
     /// How long one connect to one backend may take.
     pub connect_timeout_ms: u64,
+    /// Selection and failover.
+    pub balancing: Balancing,
+    /// Active health checks (`[tcp_proxy.health_check]`), if any.
+    pub health_check: Option<ActiveConfig>,
 }
 
 /// One `[[ws_proxy]]` section: a listener for WebSocket upgrades.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct WsSection {
     /// Names the section in logs; defaults to `ws-N` for the N-th section.
     pub name: String,
@@ -91,7 +169,7 @@ pub struct WsSection {
 }
 
 /// Where one kind of WebSocket request goes, and how it is passed on.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct WsRoute {
     /// The Host (without port, lower case) this route is for; `None` matches any.
     pub host: Option<String>,
@@ -99,8 +177,12 @@ pub struct WsRoute {
     pub path: String,
     /// What replaces the matched prefix before the request goes to the backend.
     pub rewrite: Option<String>,
-    /// `host:port` or `ws://host:port[/path]` of each backend.
-    pub backends: Vec<String>,
+    /// The backends, `host:port` or `ws://host:port[/path]` each.
+    pub backends: Vec<BackendConfig>,
+    /// Selection and failover.
+    pub balancing: Balancing,
+    /// Active health checks (`[ws_proxy.health_check]` or the route's own), if any.
+    pub health_check: Option<ActiveConfig>,
     /// Pass the client's Host header unchanged instead of the backend's `host:port`.
     pub preserve_host: bool,
     /// Append the client's IP to `X-Forwarded-For`.
@@ -152,9 +234,10 @@ impl fmt::Display for Config {
                 "tcp_proxy {:?}: listen {} -> {} (connect_timeout_ms {})",
                 s.name,
                 s.listen,
-                s.backends.join(", "),
+                join(&s.backends),
                 s.connect_timeout_ms
             )?;
+            writeln!(f, "  {}", s.balancing)?;
         }
         for s in &self.ws_proxy {
             writeln!(
@@ -172,15 +255,44 @@ impl fmt::Display for Config {
                     .as_ref()
                     .map(|w| format!(" (rewritten to {w})"))
                     .unwrap_or_default();
-                writeln!(
-                    f,
-                    "  {host}{}{rewrite} -> {}",
-                    r.path,
-                    r.backends.join(", ")
-                )?;
+                writeln!(f, "  {host}{}{rewrite} -> {}", r.path, join(&r.backends))?;
+                writeln!(f, "    {}", r.balancing)?;
             }
         }
         Ok(())
+    }
+}
+
+fn join(backends: &[BackendConfig]) -> String {
+    let all: Vec<String> = backends.iter().map(ToString::to_string).collect();
+    all.join(", ")
+}
+
+impl fmt::Display for Balancing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.balance {
+            Balance::RoundRobin => f.write_str("balance round_robin")?,
+            Balance::LeastConnections => f.write_str("balance least_connections")?,
+            Balance::Random => f.write_str("balance random")?,
+            Balance::Hash { balance_factor } => {
+                write!(f, "balance hash on {}", self.hash_key)?;
+                if let Some(factor) = balance_factor {
+                    write!(f, " (bounded load {factor})")?;
+                }
+            }
+        }
+        match self.retries {
+            Some(r) => write!(f, ", retries {r}")?,
+            None => f.write_str(", retries: every backend once")?,
+        }
+        if let Some(b) = self.connect_budget_ms {
+            write!(f, ", connect_budget_ms {b}")?;
+        }
+        write!(
+            f,
+            ", eject after {} failures for {} ms",
+            self.max_fails, self.fail_timeout_ms
+        )
     }
 }
 
@@ -199,7 +311,9 @@ mod raw {
         pub ws_proxy: Vec<Spanned<WsSection>>,
     }
 
-    pub(super) type Addrs = Spanned<Vec<Spanned<String>>>;
+    /// Each backend is a string or a table, told apart in validation so that messages can
+    /// point at the entry.
+    pub(super) type Addrs = Spanned<Vec<Spanned<toml::Value>>>;
 
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
@@ -209,6 +323,14 @@ mod raw {
         pub listen: Spanned<String>,
         pub backends: Addrs,
         pub connect_timeout_ms: Option<Spanned<u64>>,
+        pub balance: Option<Spanned<String>>,
+        pub hash_key: Option<Spanned<String>>,
+        pub hash_balance_factor: Option<Spanned<f64>>,
+        pub retries: Option<Spanned<u64>>,
+        pub connect_budget_ms: Option<Spanned<u64>>,
+        pub max_fails: Option<Spanned<u64>>,
+        pub fail_timeout_ms: Option<Spanned<u64>>,
+        pub health_check: Option<Spanned<HealthCheck>>,
     }
 
     #[derive(Deserialize)]
@@ -234,6 +356,26 @@ mod raw {
         pub headers: Option<BTreeMap<String, Spanned<String>>>,
         pub allowed_origins: Option<Vec<Spanned<String>>>,
         pub subprotocols: Option<Vec<Spanned<String>>>,
+        pub balance: Option<Spanned<String>>,
+        pub hash_key: Option<Spanned<String>>,
+        pub hash_balance_factor: Option<Spanned<f64>>,
+        pub retries: Option<Spanned<u64>>,
+        pub connect_budget_ms: Option<Spanned<u64>>,
+        pub max_fails: Option<Spanned<u64>>,
+        pub fail_timeout_ms: Option<Spanned<u64>>,
+        pub health_check: Option<Spanned<HealthCheck>>,
+    }
+
+    /// `[*.health_check]`, with the field names rws uses.
+    #[derive(Deserialize, Clone)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct HealthCheck {
+        pub kind: Option<Spanned<String>>,
+        pub path: Option<Spanned<String>>,
+        pub interval_ms: Option<Spanned<u64>>,
+        pub timeout_ms: Option<Spanned<u64>>,
+        pub healthy_threshold: Option<Spanned<u64>>,
+        pub unhealthy_threshold: Option<Spanned<u64>>,
     }
 
     #[derive(Deserialize)]
@@ -250,6 +392,14 @@ mod raw {
         pub headers: Option<BTreeMap<String, Spanned<String>>>,
         pub allowed_origins: Option<Vec<Spanned<String>>>,
         pub subprotocols: Option<Vec<Spanned<String>>>,
+        pub balance: Option<Spanned<String>>,
+        pub hash_key: Option<Spanned<String>>,
+        pub hash_balance_factor: Option<Spanned<f64>>,
+        pub retries: Option<Spanned<u64>>,
+        pub connect_budget_ms: Option<Spanned<u64>>,
+        pub max_fails: Option<Spanned<u64>>,
+        pub fail_timeout_ms: Option<Spanned<u64>>,
+        pub health_check: Option<Spanned<HealthCheck>>,
     }
 }
 
@@ -303,6 +453,56 @@ impl raw::WsRoute {
             headers: None,
             allowed_origins: None,
             subprotocols: None,
+            balance: None,
+            hash_key: None,
+            hash_balance_factor: None,
+            retries: None,
+            connect_budget_ms: None,
+            max_fails: None,
+            fail_timeout_ms: None,
+            health_check: None,
+        }
+    }
+}
+
+/// The balancing fields of one table, borrowed, with a route's own values before its
+/// section's.
+#[derive(Clone, Copy)]
+struct BalancingFields<'a> {
+    balance: Option<&'a Spanned<String>>,
+    hash_key: Option<&'a Spanned<String>>,
+    hash_balance_factor: Option<&'a Spanned<f64>>,
+    retries: Option<&'a Spanned<u64>>,
+    connect_budget_ms: Option<&'a Spanned<u64>>,
+    max_fails: Option<&'a Spanned<u64>>,
+    fail_timeout_ms: Option<&'a Spanned<u64>>,
+}
+
+macro_rules! balancing_fields {
+    ($t:expr) => {
+        BalancingFields {
+            balance: $t.balance.as_ref(),
+            hash_key: $t.hash_key.as_ref(),
+            hash_balance_factor: $t.hash_balance_factor.as_ref(),
+            retries: $t.retries.as_ref(),
+            connect_budget_ms: $t.connect_budget_ms.as_ref(),
+            max_fails: $t.max_fails.as_ref(),
+            fail_timeout_ms: $t.fail_timeout_ms.as_ref(),
+        }
+    };
+}
+
+impl<'a> BalancingFields<'a> {
+    /// These fields, with `section`'s filling the ones left out.
+    fn or(self, section: BalancingFields<'a>) -> Self {
+        BalancingFields {
+            balance: self.balance.or(section.balance),
+            hash_key: self.hash_key.or(section.hash_key),
+            hash_balance_factor: self.hash_balance_factor.or(section.hash_balance_factor),
+            retries: self.retries.or(section.retries),
+            connect_budget_ms: self.connect_budget_ms.or(section.connect_budget_ms),
+            max_fails: self.max_fails.or(section.max_fails),
+            fail_timeout_ms: self.fail_timeout_ms.or(section.fail_timeout_ms),
         }
     }
 }
@@ -421,11 +621,19 @@ impl Source<'_> {
                 "connect_timeout_ms",
                 DEFAULT_CONNECT_TIMEOUT_MS,
             )?;
+            let balancing =
+                self.balancing(balancing_fields!(s), balancing_fields!(s), Kind::Tcp)?;
+            let health_check = match &s.health_check {
+                Some(hc) => Some(self.health_check(hc, CheckKind::Tcp)?),
+                None => None,
+            };
             config.tcp_proxy.push(TcpSection {
                 name,
                 listen,
                 backends,
                 connect_timeout_ms,
+                balancing,
+                health_check,
             });
         }
         for (i, section) in raw.ws_proxy.into_iter().enumerate() {
@@ -490,6 +698,14 @@ impl Source<'_> {
             headers: s.headers,
             allowed_origins: s.allowed_origins,
             subprotocols: s.subprotocols,
+            balance: s.balance,
+            hash_key: s.hash_key,
+            hash_balance_factor: s.hash_balance_factor,
+            retries: s.retries,
+            connect_budget_ms: s.connect_budget_ms,
+            max_fails: s.max_fails,
+            fail_timeout_ms: s.fail_timeout_ms,
+            health_check: s.health_check,
         };
         let mut routes = Vec::new();
         let mut keys: HashMap<(Option<String>, String), usize> = HashMap::new();
@@ -602,14 +818,25 @@ impl Source<'_> {
                 }
             }
         }
+        let balancing = self.balancing(
+            balancing_fields!(r).or(balancing_fields!(d)),
+            balancing_fields!(r),
+            Kind::Ws,
+        )?;
         let strings = |list: Option<&Vec<Spanned<String>>>| {
             list.map(|l| l.iter().map(|s| s.get_ref().clone()).collect::<Vec<_>>())
+        };
+        let health_check = match r.health_check.as_ref().or(d.health_check.as_ref()) {
+            Some(hc) => Some(self.health_check(hc, CheckKind::Http)?),
+            None => None,
         };
         Ok(WsRoute {
             host,
             path,
             rewrite,
             backends,
+            balancing,
+            health_check,
             preserve_host: r.preserve_host.or(d.preserve_host).unwrap_or(false),
             x_forwarded_for: r.x_forwarded_for.or(d.x_forwarded_for).unwrap_or(true),
             x_forwarded_proto: r.x_forwarded_proto.or(d.x_forwarded_proto).unwrap_or(true),
@@ -684,7 +911,7 @@ impl Source<'_> {
         Ok(value)
     }
 
-    fn backends(&self, list: &raw::Addrs, kind: Kind) -> Result<Vec<String>, Error> {
+    fn backends(&self, list: &raw::Addrs, kind: Kind) -> Result<Vec<BackendConfig>, Error> {
         if list.get_ref().is_empty() {
             return Err(self.error(
                 list.span(),
@@ -693,28 +920,235 @@ impl Source<'_> {
                 "list at least one, e.g. backends = [\"127.0.0.1:9000\"]",
             ));
         }
+        let form = match kind {
+            Kind::Tcp => "\"host:port\", e.g. \"10.0.0.5:5432\"",
+            Kind::Ws => "\"host:port\" or \"ws://host:port/path\", e.g. \"chat-1:9000\"",
+        };
+        let table_form =
+            "{ address = \"host:port\", weight = 1, max_connections = 1000, backup = false }";
         let mut backends = Vec::new();
-        for b in list.get_ref() {
-            let addr = b.get_ref().trim();
+        for entry in list.get_ref() {
+            let span = entry.span();
+            let bad =
+                |problem: String, fix: String| self.error(span.clone(), "backends", &problem, &fix);
+            let mut backend = match entry.get_ref() {
+                toml::Value::String(addr) => BackendConfig::new(addr.trim()),
+                toml::Value::Table(t) => {
+                    let mut b = BackendConfig::new("");
+                    for (key, value) in t {
+                        match (key.as_str(), value) {
+                            ("address", toml::Value::String(a)) => b.address = a.trim().to_string(),
+                            ("weight", toml::Value::Integer(w)) if (1..=1000).contains(w) => b.weight = *w as u32,
+                            ("max_connections", toml::Value::Integer(m)) if *m >= 1 => {
+                                b.max_connections = Some(*m as usize)
+                            }
+                            ("backup", toml::Value::Boolean(x)) => b.backup = *x,
+                            ("address" | "weight" | "max_connections" | "backup", v) => {
+                                return Err(bad(
+                                    format!("`{key} = {v}` is not a valid value"),
+                                    "address is a string, weight a whole number from 1 to 1000, \
+                                     max_connections a positive whole number, backup true or false"
+                                        .into(),
+                                ))
+                            }
+                            _ => {
+                                return Err(bad(
+                                    format!("a backend table has no field `{key}`"),
+                                    format!("use only address, weight, max_connections, backup: {table_form}"),
+                                ))
+                            }
+                        }
+                    }
+                    if b.address.is_empty() {
+                        return Err(bad(
+                            "this backend table has no `address`".into(),
+                            format!("write it as {table_form}"),
+                        ));
+                    }
+                    b
+                }
+                other => {
+                    return Err(bad(
+                        format!("`{other}` is not a backend"),
+                        format!("write each backend as {form}, or as a table {table_form}"),
+                    ))
+                }
+            };
             let checked = match kind {
-                Kind::Tcp => check_addr(addr, false),
-                Kind::Ws => crate::balancer::Backend::parse_ws(addr).map(drop),
+                Kind::Tcp => check_addr(&backend.address, false),
+                Kind::Ws => crate::balancer::Backend::parse_ws(&backend.address).map(drop),
             };
             if let Err(why) = checked {
-                let form = match kind {
-                    Kind::Tcp => "\"host:port\", e.g. \"10.0.0.5:5432\"",
-                    Kind::Ws => "\"host:port\" or \"ws://host:port/path\", e.g. \"chat-1:9000\"",
-                };
-                return Err(self.error(
-                    b.span(),
-                    "backends",
-                    &format!("{addr:?} is not a backend address: {why}"),
-                    &format!("write each backend as {form}"),
+                return Err(bad(
+                    format!("{:?} is not a backend address: {why}", backend.address),
+                    format!("write each backend as {form}"),
                 ));
             }
-            backends.push(addr.to_string());
+            backend.address = backend.address.trim().to_string();
+            backends.push(backend);
+        }
+        if backends.iter().all(|b| b.backup) {
+            return Err(self.error(
+                list.span(),
+                "backends",
+                "every backend is a backup, so none would ever be used first",
+                "make at least one backend a primary (backup = false)",
+            ));
         }
         Ok(backends)
+    }
+
+    /// Validates merged balancing fields; `own` are the fields the table itself sets, the only
+    /// ones blamed for not fitting its policy (a route may pick `random` under a section that
+    /// hashes).
+    fn balancing(
+        &self,
+        f: BalancingFields<'_>,
+        own: BalancingFields<'_>,
+        kind: Kind,
+    ) -> Result<Balancing, Error> {
+        let mut b = Balancing::default();
+        let hash_key =
+            match f.hash_key {
+                None => HashKey::ClientIp,
+                Some(k) => {
+                    match HashKey::parse(k.get_ref()) {
+                        Ok(HashKey::ClientIp) => HashKey::ClientIp,
+                        Ok(_) if kind == Kind::Tcp => return Err(self.error(
+                            k.span(),
+                            "hash_key",
+                            "a TCP connection has no headers, cookies or query to hash",
+                            "use hash_key = \"client_ip\" (the default) in a [[tcp_proxy]] section",
+                        )),
+                        Ok(key) => key,
+                        Err(why) => return Err(self.error(
+                            k.span(),
+                            "hash_key",
+                            &why,
+                            "use \"client_ip\", \"header:NAME\", \"cookie:NAME\" or \"query:NAME\"",
+                        )),
+                    }
+                }
+            };
+        let factor = match f.hash_balance_factor {
+            Some(x) if !(x.get_ref().is_finite() && *x.get_ref() > 1.0) => return Err(self.error(
+                x.span(),
+                "hash_balance_factor",
+                &format!("{} does not bound the load", x.get_ref()),
+                "use a factor above 1.0, e.g. 1.25 (a backend takes at most 25% over the average)",
+            )),
+            x => x.map(|x| *x.get_ref()),
+        };
+        b.balance = match f.balance.map(|s| (s, s.get_ref().as_str())) {
+            None | Some((_, "round_robin")) => Balance::RoundRobin,
+            Some((_, "least_connections")) => Balance::LeastConnections,
+            Some((_, "random")) => Balance::Random,
+            Some((_, "hash")) => Balance::Hash {
+                balance_factor: factor,
+            },
+            Some((s, other)) => return Err(self.error(
+                s.span(),
+                "balance",
+                &format!("{other:?} is not a balancing policy"),
+                "use \"round_robin\" (the default), \"least_connections\", \"hash\" or \"random\"",
+            )),
+        };
+        for (set, field) in [
+            (own.hash_key.map(Spanned::span), "hash_key"),
+            (
+                own.hash_balance_factor.map(Spanned::span),
+                "hash_balance_factor",
+            ),
+        ] {
+            if let (Some(span), false) = (set, matches!(b.balance, Balance::Hash { .. })) {
+                return Err(self.error(
+                    span,
+                    field,
+                    &format!("`{field}` only applies to balance = \"hash\""),
+                    &format!("set balance = \"hash\", or remove `{field}`"),
+                ));
+            }
+        }
+        b.hash_key = hash_key;
+        b.retries = f.retries.map(|r| *r.get_ref() as usize);
+        if let Some(budget) = f.connect_budget_ms {
+            b.connect_budget_ms =
+                Some(self.timeout(&Some(budget.clone()), "connect_budget_ms", 0)?);
+        }
+        if let Some(m) = f.max_fails {
+            if *m.get_ref() == 0 {
+                return Err(self.error(
+                    m.span(),
+                    "max_fails",
+                    "0 failures would eject every backend before its first connection",
+                    "use a positive count (the default is 3)",
+                ));
+            }
+            b.max_fails = u32::try_from(*m.get_ref()).unwrap_or(u32::MAX);
+        }
+        if let Some(t) = f.fail_timeout_ms {
+            b.fail_timeout_ms = self.timeout(
+                &Some(t.clone()),
+                "fail_timeout_ms",
+                crate::health::DEFAULT_FAIL_TIMEOUT_MS,
+            )?;
+        }
+        Ok(b)
+    }
+
+    /// A health check table; `kind` defaults to `default` (tcp for TCP sections, http for
+    /// WebSocket ones, as rws probes WebSocket backends with a plain GET).
+    fn health_check(
+        &self,
+        hc: &Spanned<raw::HealthCheck>,
+        default: CheckKind,
+    ) -> Result<ActiveConfig, Error> {
+        let h = hc.get_ref();
+        let kind = match h.kind.as_ref().map(|k| (k, k.get_ref().as_str())) {
+            None => default,
+            Some((_, "tcp")) => CheckKind::Tcp,
+            Some((_, "http")) => CheckKind::Http,
+            Some((_, "websocket")) => CheckKind::WebSocket,
+            Some((k, other)) => {
+                return Err(self.error(
+                    k.span(),
+                    "health_check.kind",
+                    &format!("{other:?} is not a kind of check"),
+                    "use \"tcp\" (connect), \"http\" (GET expecting 2xx) or \"websocket\" (upgrade expecting 101)",
+                ))
+            }
+        };
+        let path = match &h.path {
+            Some(p) => self.path(p, "health_check.path")?,
+            None => "/health".to_string(),
+        };
+        let ms = |v: &Option<Spanned<u64>>, field: &str, default: u64| {
+            self.timeout(v, field, default).map(Duration::from_millis)
+        };
+        let interval = ms(&h.interval_ms, "health_check.interval_ms", 30_000)?;
+        let timeout = ms(&h.timeout_ms, "health_check.timeout_ms", 5_000)?;
+        let count = |v: &Option<Spanned<u64>>, field: &str, default: u32| match v {
+            None => Ok(default),
+            Some(n) if *n.get_ref() == 0 => Err(self.error(
+                n.span(),
+                field,
+                "a threshold of 0 would flip on no evidence",
+                "use a positive count of consecutive probes",
+            )),
+            Some(n) => Ok(u32::try_from(*n.get_ref()).unwrap_or(u32::MAX)),
+        };
+        Ok(ActiveConfig {
+            kind,
+            path,
+            interval,
+            timeout,
+            healthy_threshold: count(&h.healthy_threshold, "health_check.healthy_threshold", 2)?,
+            unhealthy_threshold: count(
+                &h.unhealthy_threshold,
+                "health_check.unhealthy_threshold",
+                3,
+            )?,
+        })
     }
 
     fn path(&self, p: &Spanned<String>, field: &str) -> Result<String, Error> {
@@ -873,8 +1307,10 @@ mod tests {
             [TcpSection {
                 name: "tcp-1".into(),
                 listen: "127.0.0.1:1".into(),
-                backends: vec!["b:2".into()],
-                connect_timeout_ms: 5000
+                backends: vec![BackendConfig::new("b:2")],
+                connect_timeout_ms: 5000,
+                balancing: Balancing::default(),
+                health_check: None,
             }]
         );
         assert_eq!(c.ws_proxy[0].name, "ws-1");

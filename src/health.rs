@@ -238,6 +238,113 @@ impl Active {
     }
 }
 
+/// Runs the active checks of `backends` until `stop` completes: one task per backend, probing
+/// every `interval` on `net`'s clock (so simulated under turmoil), flipping the backend's
+/// [`Active`] state at the thresholds and logging each flip once.
+pub(crate) fn spawn_checks<N: crate::net::Net>(
+    net: &N,
+    pool: &str,
+    backends: &[std::sync::Arc<crate::balancer::Backend>],
+    config: &ActiveConfig,
+    stop: &async_channel::Receiver<()>,
+) {
+    for backend in backends {
+        let (net2, backend, config, stop) =
+            (net.clone(), backend.clone(), config.clone(), stop.clone());
+        let pool = pool.to_string();
+        net.spawn(async move {
+            let run = async {
+                loop {
+                    let ok = probe(&net2, backend.addr(), &config).await;
+                    match backend.checks().record(ok.is_ok(), &config) {
+                        Some(Flip::Down(_)) => crate::log::warn!(
+                            "backend down pool={pool} backend={backend} check={:?} ({})",
+                            config.kind,
+                            ok.err().unwrap_or_default()
+                        ),
+                        Some(Flip::Up) => crate::log::warn!(
+                            "backend up pool={pool} backend={backend} check={:?}",
+                            config.kind
+                        ),
+                        None => {}
+                    }
+                    net2.sleep(config.interval).await;
+                }
+            };
+            futures_lite::future::or(run, async {
+                let _ = stop.recv().await;
+            })
+            .await;
+        });
+    }
+}
+
+/// One probe of `addr`: `Err` says why it failed.
+async fn probe<N: crate::net::Net>(
+    net: &N,
+    addr: &str,
+    config: &ActiveConfig,
+) -> Result<(), String> {
+    use futures_lite::AsyncWriteExt;
+    let work = async {
+        let mut stream = net.connect(addr).await?;
+        let request = match config.kind {
+            CheckKind::Tcp => return Ok(Ok(())),
+            CheckKind::Http => format!(
+                "GET {} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: portcullis-health\r\nConnection: close\r\n\r\n",
+                config.path
+            ),
+            CheckKind::WebSocket => format!(
+                "GET {} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: portcullis-health\r\nUpgrade: websocket\r\n\
+                 Connection: Upgrade\r\nSec-WebSocket-Key: {PROBE_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n",
+                config.path
+            ),
+        };
+        stream.write_all(request.as_bytes()).await?;
+        stream.flush().await?;
+        let head = match crate::handshake::read_head(&mut stream, 16 * 1024).await {
+            Ok(head) => head,
+            Err(e) => return Ok(Err(format!("no response: {e}"))),
+        };
+        let _ = stream.close().await;
+        Ok(judge(&head.bytes, config.kind))
+    };
+    match crate::net::timeout(net, config.timeout, work).await {
+        Ok(verdict) => verdict,
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The key of a WebSocket probe. Fixed: a probe proves the backend completes the handshake, not
+/// that keys are random.
+const PROBE_KEY: &str = "cG9ydGN1bGxpcy1wcm9iZQ==";
+
+/// Whether a probe's response head is a pass.
+fn judge(head: &[u8], kind: CheckKind) -> Result<(), String> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut response = httparse::Response::new(&mut headers);
+    let status = match response.parse(head) {
+        Ok(httparse::Status::Complete(_)) => response.code.unwrap_or(0),
+        _ => return Err("malformed response".into()),
+    };
+    match kind {
+        CheckKind::Http if (200..300).contains(&status) => Ok(()),
+        CheckKind::WebSocket if status == 101 => {
+            let accept = response
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("sec-websocket-accept"))
+                .map(|h| h.value);
+            if accept == Some(crate::handshake::accept_key(PROBE_KEY).as_bytes()) {
+                Ok(())
+            } else {
+                Err("101 with a wrong Sec-WebSocket-Accept".into())
+            }
+        }
+        _ => Err(format!("status {status}")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -320,6 +427,36 @@ mod tests {
         assert!(p.claim_trial(t0 + MS));
         p.release_trial();
         assert!(p.claim_trial(t0 + MS));
+    }
+
+    #[test]
+    fn probe_responses_are_judged_by_kind() {
+        let ok101 = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Accept: {}\r\n\r\n",
+            crate::handshake::accept_key(PROBE_KEY)
+        );
+        let cases: &[(&str, CheckKind, bool)] = &[
+            ("HTTP/1.1 200 OK\r\n\r\n", CheckKind::Http, true),
+            ("HTTP/1.1 204 No Content\r\n\r\n", CheckKind::Http, true),
+            ("HTTP/1.1 301 Moved\r\n\r\n", CheckKind::Http, false),
+            ("HTTP/1.1 503 Unavailable\r\n\r\n", CheckKind::Http, false),
+            ("garbage\r\n\r\n", CheckKind::Http, false),
+            (&ok101, CheckKind::WebSocket, true),
+            (
+                "HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: x\r\n\r\n",
+                CheckKind::WebSocket,
+                false,
+            ),
+            ("HTTP/1.1 200 OK\r\n\r\n", CheckKind::WebSocket, false),
+        ];
+        for &(head, kind, pass) in cases {
+            assert_eq!(
+                judge(head.as_bytes(), kind).is_ok(),
+                pass,
+                "{kind:?} {head:?}"
+            );
+        }
     }
 
     #[test]

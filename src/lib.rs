@@ -6,7 +6,10 @@
 //!   ([`SmolNet`]). Every flow is generic over it, so the same code runs under turmoil in `sim/`.
 //! - [`relay`]: the bidirectional copy of an established tunnel ([`Relay`]).
 //! - [`balancer`]: backend pools and selection ([`Pool`], [`Backend`]).
-//! - [`health`]: passive and active backend health.
+//! - [`health`]: passive and active backend health, and the active checker.
+//! - [`policy`]: the selection algorithms (smooth weighted round robin, least connections,
+//!   consistent hashing with bounded load, random).
+//! - [`proxy_protocol`]: PROXY protocol v1/v2, encoding and parsing.
 //! - [`tcp`]: the L4 flow and its builder ([`TcpProxy`]).
 //! - [`handshake`]: the HTTP/1.1 upgrade: reading heads, validation, header rewriting.
 //! - `route`: which WebSocket route a request takes, and the path its backend sees.

@@ -92,7 +92,12 @@ mod tests {
             host: host.map(str::to_string),
             path: path.to_string(),
             rewrite: rewrite.map(str::to_string),
-            backends: vec![format!("{}{path}:1", host.unwrap_or("any"))],
+            backends: vec![crate::config::BackendConfig::new(format!(
+                "{}{path}:1",
+                host.unwrap_or("any")
+            ))],
+            balancing: crate::config::Balancing::default(),
+            health_check: None,
             preserve_host: false,
             x_forwarded_for: true,
             x_forwarded_proto: true,

@@ -197,9 +197,7 @@ pub fn run(config: crate::Config) -> Result<(), Error> {
         // Each listener runs on its own task; the first to fail ends the process.
         let (done, finished) = smol::channel::unbounded();
         for (listener, s) in tcp {
-            let proxy = crate::TcpProxy::new(s.backends)
-                .name(s.name)
-                .connect_timeout_ms(s.connect_timeout_ms);
+            let proxy = crate::TcpProxy::from_section(s);
             let serve = proxy.serve_with(net.clone(), listener, future::pending());
             let done = done.clone();
             net.spawn(async move {

@@ -8,9 +8,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::balancer::{Backend, Pool};
+use crate::balancer::{Balance, Pool, Retry};
+use crate::config::{BackendConfig, Balancing, TcpSection};
+use crate::health;
 use crate::log::{info, warn};
+use crate::net;
 use crate::net::Net;
+use crate::policy;
 use crate::relay::{Relay, Report};
 use crate::server;
 use crate::Error;
@@ -58,9 +62,7 @@ pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 30_000;
 /// ```
 #[derive(Debug, Clone)]
 pub struct TcpProxy {
-    name: String,
-    backends: Vec<String>,
-    connect_timeout: Duration,
+    section: TcpSection,
     drain_timeout: Duration,
 }
 
@@ -71,24 +73,44 @@ impl TcpProxy {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        TcpProxy {
+        TcpProxy::from_section(TcpSection {
             name: "tcp".to_string(),
-            backends: backends.into_iter().map(Into::into).collect(),
-            connect_timeout: Duration::from_millis(DEFAULT_CONNECT_TIMEOUT_MS),
+            listen: String::new(),
+            backends: backends
+                .into_iter()
+                .map(|b| BackendConfig::new(b))
+                .collect(),
+            connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
+            balancing: Balancing::default(),
+            health_check: None,
+        })
+    }
+
+    /// A proxy as a validated `[[tcp_proxy]]` section describes it (weights, backups, policy,
+    /// health); its `listen` is used by [`crate::run`], not here.
+    pub fn from_section(section: TcpSection) -> Self {
+        TcpProxy {
+            section,
             drain_timeout: Duration::from_millis(DEFAULT_DRAIN_TIMEOUT_MS),
         }
     }
 
     /// The name this proxy's log lines carry (default `tcp`).
     pub fn name(mut self, name: impl Into<String>) -> Self {
-        self.name = name.into();
+        self.section.name = name.into();
         self
     }
 
     /// How long one connect to one backend may take before the next backend is tried
     /// (default 5000 ms).
     pub fn connect_timeout_ms(mut self, ms: u64) -> Self {
-        self.connect_timeout = Duration::from_millis(ms);
+        self.section.connect_timeout_ms = ms;
+        self
+    }
+
+    /// How connections are spread over the backends (default round robin).
+    pub fn balance(mut self, balance: Balance) -> Self {
+        self.section.balancing.balance = balance;
         self
     }
 
@@ -131,22 +153,28 @@ impl TcpProxy {
         listener: N::Listener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), Error> {
-        if self.backends.is_empty() {
-            return Err(Error::Config(format!(
-                "tcp proxy {}: no backends",
-                self.name
-            )));
+        let s = self.section;
+        let bad = |why: String| Error::Config(format!("tcp proxy {}: {why}", s.name));
+        if s.connect_timeout_ms == 0 {
+            return Err(bad("the connect timeout must be positive".into()));
         }
+        let pool = Pool::from_config(&s.name, &s.backends, &s.balancing, false).map_err(bad)?;
+        let names: Vec<String> = s.backends.iter().map(|b| b.address.clone()).collect();
         server::log_listening(
             "tcp",
-            &self.name,
+            &s.name,
             crate::net::Listener::local_addr(&listener),
-            &self.backends,
+            &names,
         );
+        // Dropping `stop` when serving ends stops the health checks.
+        let (stop, stopped) = async_channel::bounded::<()>(1);
+        if let Some(check) = &s.health_check {
+            health::spawn_checks(&net, &s.name, pool.backends(), check, &stopped);
+        }
         let flow = Arc::new(Flow {
-            pool: Pool::new(self.backends.iter().map(Backend::new).collect()),
-            name: self.name,
-            connect_timeout: self.connect_timeout,
+            retry: Retry::from_config(&s.balancing, s.connect_timeout_ms),
+            pool,
+            name: s.name,
         });
         let left = server::accept_loop(
             &net,
@@ -156,6 +184,7 @@ impl TcpProxy {
             |stream, peer| flow.clone().handle(net.clone(), stream, peer),
         )
         .await;
+        drop(stop);
         info!(
             "stopped kind=tcp name={} open_connections_closed={left}",
             flow.name
@@ -168,39 +197,69 @@ impl TcpProxy {
 struct Flow {
     name: String,
     pool: Pool,
-    connect_timeout: Duration,
+    retry: Retry,
 }
 
 impl Flow {
     async fn handle<N: Net>(self: Arc<Self>, net: N, mut client: N::Stream, peer: SocketAddr) {
         let started = net.now();
-        let connected = self
-            .pool
-            .connect(&net, self.connect_timeout, |e| {
-                warn!("tcp name={} client={peer} {e}", self.name)
-            })
-            .await;
-        let (mut upstream, backend) = match connected {
-            Ok(c) => c,
-            Err(e) => {
-                let ms = net.now().duration_since(started).as_millis();
-                info!(
-                    "tcp name={} client={peer} backend=- up=0 down=0 duration_ms={ms} end=\"{e}\"",
-                    self.name
-                );
-                return;
+        let key = client_ip_key(peer.ip());
+        let mut attempts = self.pool.attempts(Some(key), self.retry, started);
+        let mut connected = None;
+        while let Some(mut lease) = attempts.next(net.now()) {
+            let limit = attempts.connect_timeout(net.now());
+            match net::timeout(&net, limit, net.connect(lease.backend().addr())).await {
+                Ok(stream) => {
+                    lease.succeeded();
+                    connected = Some((stream, lease));
+                    break;
+                }
+                Err(e) => {
+                    warn!(
+                        "tcp name={} client={peer} cannot connect to backend {}: {e}",
+                        self.name,
+                        lease.backend()
+                    );
+                    lease.failed(net.now());
+                }
             }
+        }
+        let Some((mut upstream, lease)) = connected else {
+            let ms = net.now().duration_since(started).as_millis();
+            let why = if attempts.leased() == 0 {
+                "no backend available"
+            } else {
+                "every backend tried failed"
+            };
+            info!(
+                "tcp name={} client={peer} backend=- up=0 down=0 duration_ms={ms} end=\"{why}\"",
+                self.name
+            );
+            return;
         };
         let connect_ms = net.now().duration_since(started).as_millis();
         let report = Relay::new(&mut client, &mut upstream).await;
         let ms = net.now().duration_since(started).as_millis();
         info!(
-            "tcp name={} client={peer} backend={backend} up={} down={} connect_ms={connect_ms} duration_ms={ms} end={}",
+            "tcp name={} client={peer} backend={} up={} down={} connect_ms={connect_ms} duration_ms={ms} end={}",
             self.name,
+            lease.backend(),
             report.client_to_backend,
             report.backend_to_client,
             ending(&report),
         );
+    }
+}
+
+/// The hash key of a client address: IPv4-mapped IPv6 addresses count as their IPv4 form, so a
+/// dual-stack listener keeps a client on one backend.
+pub(crate) fn client_ip_key(ip: std::net::IpAddr) -> u64 {
+    match ip {
+        std::net::IpAddr::V4(v4) => policy::hash_key(&v4.octets()),
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => policy::hash_key(&v4.octets()),
+            None => policy::hash_key(&v6.octets()),
+        },
     }
 }
 

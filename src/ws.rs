@@ -14,15 +14,17 @@ use std::time::Duration;
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 
-use crate::balancer::{Backend, Pool};
+use crate::balancer::{HashKey, Lease, Pool, Retry};
 use crate::config::{self, WsRoute, WsSection};
 use crate::handshake::{self, ForwardOptions, Head, HeadError, Incoming, Refusal, Response};
+use crate::health;
 use crate::log::{info, warn};
 use crate::net::{self, Net};
+use crate::policy;
 use crate::relay::Relay;
 use crate::route;
 use crate::server;
-use crate::tcp::{ending, DEFAULT_CONNECT_TIMEOUT_MS, DEFAULT_DRAIN_TIMEOUT_MS};
+use crate::tcp::{client_ip_key, ending, DEFAULT_CONNECT_TIMEOUT_MS, DEFAULT_DRAIN_TIMEOUT_MS};
 use crate::Error;
 
 /// The most of a refusing backend's body (after its head) passed on to the client: enough for
@@ -79,7 +81,12 @@ impl WsProxy {
             host: None,
             path: "/".to_string(),
             rewrite: None,
-            backends: backends.into_iter().map(Into::into).collect(),
+            backends: backends
+                .into_iter()
+                .map(|b| crate::config::BackendConfig::new(b))
+                .collect(),
+            balancing: crate::config::Balancing::default(),
+            health_check: None,
             preserve_host: false,
             x_forwarded_for: true,
             x_forwarded_proto: true,
@@ -189,7 +196,7 @@ impl WsProxy {
         let all: Vec<String> = flow
             .routes
             .iter()
-            .flat_map(|r| r.config.backends.clone())
+            .flat_map(|r| r.config.backends.iter().map(|b| b.address.clone()))
             .collect();
         server::log_listening(
             "ws",
@@ -197,6 +204,14 @@ impl WsProxy {
             crate::net::Listener::local_addr(&listener),
             &all,
         );
+        // Dropping `stop` when serving ends stops the health checks.
+        let (stop, stopped) = async_channel::bounded::<()>(1);
+        for r in &flow.routes {
+            if let Some(check) = &r.config.health_check {
+                let pool = format!("{}{}", flow.name, r.config.path);
+                health::spawn_checks(&net, &pool, r.pool.backends(), check, &stopped);
+            }
+        }
         let left = server::accept_loop(
             &net,
             listener,
@@ -205,6 +220,7 @@ impl WsProxy {
             |stream, peer| flow.clone().handle(net.clone(), stream, peer),
         )
         .await;
+        drop(stop);
         info!(
             "stopped kind=ws name={} open_connections_closed={left}",
             flow.name
@@ -216,7 +232,6 @@ impl WsProxy {
 /// What every connection of one WebSocket proxy shares.
 struct Flow {
     name: String,
-    connect_timeout: Duration,
     read_timeout: Duration,
     upgrade_timeout: Duration,
     max_head: usize,
@@ -228,6 +243,7 @@ struct Flow {
 struct Route {
     config: WsRoute,
     forward: ForwardOptions,
+    retry: Retry,
     pool: Pool,
 }
 
@@ -239,17 +255,13 @@ impl Flow {
         }
         let mut routes = Vec::new();
         for r in &s.routes {
-            if r.backends.is_empty() {
-                return Err(bad(format!("route {} has no backends", r.path)));
-            }
-            let backends = r
-                .backends
-                .iter()
-                .map(|b| Backend::parse_ws(b).map_err(|e| bad(format!("backend {b:?}: {e}"))));
-            let pool = Pool::new(backends.collect::<Result<_, _>>()?);
+            let name = format!("{}{}", s.name, r.path);
+            let pool = Pool::from_config(&name, &r.backends, &r.balancing, true)
+                .map_err(|why| bad(format!("route {}: {why}", r.path)))?;
             routes.push(Route {
                 config: r.clone(),
                 forward: ForwardOptions::from(r),
+                retry: Retry::from_config(&r.balancing, s.connect_timeout_ms),
                 pool,
             });
         }
@@ -258,7 +270,6 @@ impl Flow {
         }
         Ok(Flow {
             name: s.name,
-            connect_timeout: Duration::from_millis(s.connect_timeout_ms),
             read_timeout: Duration::from_millis(s.read_timeout_ms),
             upgrade_timeout: Duration::from_millis(s.upgrade_timeout_ms),
             max_head: s.max_request_head_bytes,
@@ -278,7 +289,7 @@ impl Flow {
             end: String::new(),
         };
         match self.upgrade(&net, &mut client, peer, &mut log).await {
-            Ok((mut upstream, to_client)) => {
+            Ok((mut upstream, to_client, _lease)) => {
                 let report = Relay::new(&mut client, &mut upstream)
                     .pending(Vec::new(), to_client)
                     .await;
@@ -346,7 +357,7 @@ impl Flow {
         client: &mut N::Stream,
         peer: SocketAddr,
         log: &mut Access,
-    ) -> Result<(N::Stream, Vec<u8>), Ended> {
+    ) -> Result<(N::Stream, Vec<u8>, Lease), Ended> {
         let head =
             match net::timeout(net, self.read_timeout, read_head(client, self.max_head)).await {
                 Ok(head) => head,
@@ -392,16 +403,21 @@ impl Flow {
         }
         log.up = head.rest.len() as u64;
 
-        let mut last = Ended::Refused(Refusal::BadGateway);
-        for backend in route.pool.order() {
-            log.backend = backend.addr().to_string();
-            let target = route::backend_target(&route.config, backend.path(), request.target());
-            let sent =
-                handshake::forward(&request, &target, backend.addr(), peer.ip(), &route.forward)
-                    .map_err(Ended::Refused)?;
+        let key = hash_key(&route.config.balancing.hash_key, &request, peer);
+        let mut attempts = route.pool.attempts(Some(key), route.retry, net.now());
+        // Nothing eligible at all (every backend ejected, down or full): 503, as the client
+        // should come back later; otherwise the last backend's failure decides.
+        let mut last = Ended::Refused(Refusal::NoBackend);
+        while let Some(mut lease) = attempts.next(net.now()) {
+            let backend = lease.backend().addr().to_string();
+            log.backend = backend.clone();
+            let target =
+                route::backend_target(&route.config, lease.backend().path(), request.target());
+            let sent = handshake::forward(&request, &target, &backend, peer.ip(), &route.forward)
+                .map_err(Ended::Refused)?;
+            let limit = attempts.connect_timeout(net.now());
             let attempt = async {
-                let mut upstream =
-                    net::timeout(net, self.connect_timeout, net.connect(backend.addr())).await?;
+                let mut upstream = net::timeout(net, limit, net.connect(&backend)).await?;
                 // The client's pipelined bytes go right behind the head: they are the tunnel's
                 // first bytes, and a backend that answers 101 expects them next.
                 let mut out = Vec::with_capacity(sent.head.len() + head.rest.len());
@@ -418,6 +434,7 @@ impl Flow {
                         "ws name={} client={peer} cannot connect to backend {backend}: {e}",
                         self.name
                     );
+                    lease.failed(net.now());
                     // As nginx: the last backend's failure decides, 504 for a timeout.
                     last = Ended::Refused(if e.kind() == io::ErrorKind::TimedOut {
                         Refusal::GatewayTimeout
@@ -437,6 +454,7 @@ impl Flow {
                 Ok(h) => h,
                 Err(e) if e.kind() == io::ErrorKind::TimedOut => {
                     warn!("ws name={} client={peer} backend {backend} did not answer the upgrade in time", self.name);
+                    lease.failed(net.now());
                     return Err(Ended::Refused(Refusal::GatewayTimeout));
                 }
                 Err(e) => {
@@ -446,22 +464,26 @@ impl Flow {
                         "ws name={} client={peer} backend {backend} failed during the upgrade: {e}",
                         self.name
                     );
+                    lease.failed(net.now());
                     last = Ended::Refused(Refusal::BadGateway);
                     continue;
                 }
             };
             return match sent.check_response(&answer.bytes) {
                 Ok(Response::Accepted) => {
+                    lease.succeeded();
                     log.status = 101;
                     let mut to_client = answer.bytes;
                     to_client.extend_from_slice(&answer.rest);
-                    Ok((upstream, to_client))
+                    Ok((upstream, to_client, lease))
                 }
                 Ok(Response::Refused {
                     status,
                     content_length,
                     chunked,
                 }) => {
+                    // It answered: alive, whatever it thinks of this request.
+                    lease.succeeded();
                     let bytes = pass_through(
                         net,
                         self.upgrade_timeout,
@@ -478,12 +500,39 @@ impl Flow {
                     })
                 }
                 Err(bad) => {
+                    // Not recorded against its health: it is up and answering (health counts
+                    // connect failures and timeouts), only its answer is wrong.
                     warn!("ws name={} client={peer} backend {backend} gave a bad upgrade response: {bad:?}", self.name);
                     Err(Ended::Refused(Refusal::from(bad)))
                 }
             };
         }
         Err(last)
+    }
+}
+
+/// The hash key of a request for [`Balance::Hash`](crate::balancer::Balance::Hash): the
+/// named header, cookie or query parameter, or the client's IP when the request has none.
+fn hash_key(key: &HashKey, request: &handshake::Request, peer: SocketAddr) -> u64 {
+    let value: Option<&[u8]> = match key {
+        HashKey::ClientIp => None,
+        HashKey::Header(name) => request.header(name),
+        HashKey::Cookie(name) => request.values("cookie").find_map(|v| {
+            v.split(|&b| b == b';').find_map(|pair| {
+                let pair = pair.trim_ascii();
+                let (n, v) = pair.split_at(pair.iter().position(|&b| b == b'=')?);
+                (n == name.as_bytes()).then(|| &v[1..])
+            })
+        }),
+        HashKey::Query(name) => request.target().split_once('?').and_then(|(_, q)| {
+            q.split('&')
+                .find_map(|pair| pair.strip_prefix(name.as_str())?.strip_prefix('='))
+                .map(str::as_bytes)
+        }),
+    };
+    match value {
+        Some(v) => policy::hash_key(v),
+        None => client_ip_key(peer.ip()),
     }
 }
 
