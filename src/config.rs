@@ -33,6 +33,7 @@ use toml::Spanned;
 
 use crate::balancer::{Balance, HashKey};
 use crate::health::{ActiveConfig, CheckKind};
+use crate::proxy_protocol::Version as ProxyVersion;
 use crate::tcp::DEFAULT_CONNECT_TIMEOUT_MS;
 use crate::Error;
 
@@ -144,6 +145,9 @@ pub struct TcpSection {
     pub balancing: Balancing,
     /// Active health checks (`[tcp_proxy.health_check]`), if any.
     pub health_check: Option<ActiveConfig>,
+    /// Send a PROXY protocol header to each backend first (`send_proxy_protocol`), so it
+    /// learns the client's address.
+    pub send_proxy_protocol: Option<ProxyVersion>,
 }
 
 /// One `[[ws_proxy]]` section: a listener for WebSocket upgrades.
@@ -183,6 +187,8 @@ pub struct WsRoute {
     pub balancing: Balancing,
     /// Active health checks (`[ws_proxy.health_check]` or the route's own), if any.
     pub health_check: Option<ActiveConfig>,
+    /// Send a PROXY protocol header to each backend before the request (`send_proxy_protocol`).
+    pub send_proxy_protocol: Option<ProxyVersion>,
     /// Pass the client's Host header unchanged instead of the backend's `host:port`.
     pub preserve_host: bool,
     /// Append the client's IP to `X-Forwarded-For`.
@@ -238,6 +244,7 @@ impl fmt::Display for Config {
                 s.connect_timeout_ms
             )?;
             writeln!(f, "  {}", s.balancing)?;
+            extras(f, "  ", &s.health_check, s.send_proxy_protocol)?;
         }
         for s in &self.ws_proxy {
             writeln!(
@@ -257,10 +264,40 @@ impl fmt::Display for Config {
                     .unwrap_or_default();
                 writeln!(f, "  {host}{}{rewrite} -> {}", r.path, join(&r.backends))?;
                 writeln!(f, "    {}", r.balancing)?;
+                extras(f, "    ", &r.health_check, r.send_proxy_protocol)?;
             }
         }
         Ok(())
     }
+}
+
+/// The health-check and PROXY-protocol lines of `check`'s output.
+fn extras(
+    f: &mut fmt::Formatter<'_>,
+    indent: &str,
+    check: &Option<ActiveConfig>,
+    proxy: Option<ProxyVersion>,
+) -> fmt::Result {
+    if let Some(c) = check {
+        let what = match c.kind {
+            CheckKind::Tcp => "tcp connect".to_string(),
+            CheckKind::Http => format!("http GET {}", c.path),
+            CheckKind::WebSocket => format!("websocket upgrade of {}", c.path),
+        };
+        writeln!(
+            f,
+            "{indent}health check: {what} every {} ms (timeout {} ms; up after {}, down after {})",
+            c.interval.as_millis(),
+            c.timeout.as_millis(),
+            c.healthy_threshold,
+            c.unhealthy_threshold
+        )?;
+    }
+    if let Some(v) = proxy {
+        let v = if v == ProxyVersion::V1 { "v1" } else { "v2" };
+        writeln!(f, "{indent}PROXY protocol {v} to backends")?;
+    }
+    Ok(())
 }
 
 fn join(backends: &[BackendConfig]) -> String {
@@ -331,6 +368,7 @@ mod raw {
         pub max_fails: Option<Spanned<u64>>,
         pub fail_timeout_ms: Option<Spanned<u64>>,
         pub health_check: Option<Spanned<HealthCheck>>,
+        pub send_proxy_protocol: Option<Spanned<String>>,
     }
 
     #[derive(Deserialize)]
@@ -364,6 +402,7 @@ mod raw {
         pub max_fails: Option<Spanned<u64>>,
         pub fail_timeout_ms: Option<Spanned<u64>>,
         pub health_check: Option<Spanned<HealthCheck>>,
+        pub send_proxy_protocol: Option<Spanned<String>>,
     }
 
     /// `[*.health_check]`, with the field names rws uses.
@@ -400,6 +439,7 @@ mod raw {
         pub max_fails: Option<Spanned<u64>>,
         pub fail_timeout_ms: Option<Spanned<u64>>,
         pub health_check: Option<Spanned<HealthCheck>>,
+        pub send_proxy_protocol: Option<Spanned<String>>,
     }
 }
 
@@ -461,6 +501,7 @@ impl raw::WsRoute {
             max_fails: None,
             fail_timeout_ms: None,
             health_check: None,
+            send_proxy_protocol: None,
         }
     }
 }
@@ -627,6 +668,7 @@ impl Source<'_> {
                 Some(hc) => Some(self.health_check(hc, CheckKind::Tcp)?),
                 None => None,
             };
+            let send_proxy_protocol = self.proxy_version(s.send_proxy_protocol.as_ref())?;
             config.tcp_proxy.push(TcpSection {
                 name,
                 listen,
@@ -634,6 +676,7 @@ impl Source<'_> {
                 connect_timeout_ms,
                 balancing,
                 health_check,
+                send_proxy_protocol,
             });
         }
         for (i, section) in raw.ws_proxy.into_iter().enumerate() {
@@ -706,6 +749,7 @@ impl Source<'_> {
             max_fails: s.max_fails,
             fail_timeout_ms: s.fail_timeout_ms,
             health_check: s.health_check,
+            send_proxy_protocol: s.send_proxy_protocol,
         };
         let mut routes = Vec::new();
         let mut keys: HashMap<(Option<String>, String), usize> = HashMap::new();
@@ -830,6 +874,11 @@ impl Source<'_> {
             Some(hc) => Some(self.health_check(hc, CheckKind::Http)?),
             None => None,
         };
+        let send_proxy_protocol = self.proxy_version(
+            r.send_proxy_protocol
+                .as_ref()
+                .or(d.send_proxy_protocol.as_ref()),
+        )?;
         Ok(WsRoute {
             host,
             path,
@@ -837,6 +886,7 @@ impl Source<'_> {
             backends,
             balancing,
             health_check,
+            send_proxy_protocol,
             preserve_host: r.preserve_host.or(d.preserve_host).unwrap_or(false),
             x_forwarded_for: r.x_forwarded_for.or(d.x_forwarded_for).unwrap_or(true),
             x_forwarded_proto: r.x_forwarded_proto.or(d.x_forwarded_proto).unwrap_or(true),
@@ -1096,6 +1146,20 @@ impl Source<'_> {
         Ok(b)
     }
 
+    fn proxy_version(&self, v: Option<&Spanned<String>>) -> Result<Option<ProxyVersion>, Error> {
+        match v.map(|v| (v, v.get_ref().as_str())) {
+            None => Ok(None),
+            Some((_, "v1")) => Ok(Some(ProxyVersion::V1)),
+            Some((_, "v2")) => Ok(Some(ProxyVersion::V2)),
+            Some((v, other)) => Err(self.error(
+                v.span(),
+                "send_proxy_protocol",
+                &format!("{other:?} is not a PROXY protocol version"),
+                "use \"v1\" (text) or \"v2\" (binary), as the backend expects",
+            )),
+        }
+    }
+
     /// A health check table; `kind` defaults to `default` (tcp for TCP sections, http for
     /// WebSocket ones, as rws probes WebSocket backends with a plain GET).
     fn health_check(
@@ -1311,6 +1375,7 @@ mod tests {
                 connect_timeout_ms: 5000,
                 balancing: Balancing::default(),
                 health_check: None,
+                send_proxy_protocol: None,
             }]
         );
         assert_eq!(c.ws_proxy[0].name, "ws-1");

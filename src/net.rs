@@ -53,6 +53,14 @@ pub trait Net: Clone + Send + Sync + 'static {
 
     /// Runs `f` in the background.
     fn spawn<F: Future<Output = ()> + Send + 'static>(&self, f: F);
+
+    /// The local address of an accepted stream: the address the client connected to, which the
+    /// PROXY protocol tells the backend. Runtimes that cannot say return `Unsupported`, and the
+    /// listener's address is used instead.
+    fn local_addr(&self, stream: &Self::Stream) -> io::Result<SocketAddr> {
+        let _ = stream;
+        Err(io::ErrorKind::Unsupported.into())
+    }
 }
 
 /// Runs `work`, or fails with [`io::ErrorKind::TimedOut`] once `d` has passed on `net`'s clock.
@@ -163,5 +171,9 @@ impl Net for SmolNet {
 
     fn spawn<F: Future<Output = ()> + Send + 'static>(&self, f: F) {
         self.executor.spawn(f).detach();
+    }
+
+    fn local_addr(&self, stream: &async_net::TcpStream) -> io::Result<SocketAddr> {
+        stream.local_addr()
     }
 }

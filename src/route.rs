@@ -98,6 +98,7 @@ mod tests {
             ))],
             balancing: crate::config::Balancing::default(),
             health_check: None,
+            send_proxy_protocol: None,
             preserve_host: false,
             x_forwarded_for: true,
             x_forwarded_proto: true,

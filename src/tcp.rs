@@ -15,9 +15,11 @@ use crate::log::{info, warn};
 use crate::net;
 use crate::net::Net;
 use crate::policy;
+use crate::proxy_protocol;
 use crate::relay::{Relay, Report};
 use crate::server;
 use crate::Error;
+use futures_lite::AsyncWriteExt;
 
 /// The connect timeout when none is configured, as in rws.
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
@@ -83,6 +85,7 @@ impl TcpProxy {
             connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
             balancing: Balancing::default(),
             health_check: None,
+            send_proxy_protocol: None,
         })
     }
 
@@ -175,6 +178,8 @@ impl TcpProxy {
             retry: Retry::from_config(&s.balancing, s.connect_timeout_ms),
             pool,
             name: s.name,
+            proxy_protocol: s.send_proxy_protocol,
+            listen_addr: crate::net::Listener::local_addr(&listener).ok(),
         });
         let left = server::accept_loop(
             &net,
@@ -198,6 +203,11 @@ struct Flow {
     name: String,
     pool: Pool,
     retry: Retry,
+    /// The PROXY protocol header to send each backend first, if any.
+    proxy_protocol: Option<proxy_protocol::Version>,
+    /// The listener's address: the PROXY header's destination when the runtime cannot tell
+    /// a stream's own local address.
+    listen_addr: Option<SocketAddr>,
 }
 
 impl Flow {
@@ -208,7 +218,22 @@ impl Flow {
         let mut connected = None;
         while let Some(mut lease) = attempts.next(net.now()) {
             let limit = attempts.connect_timeout(net.now());
-            match net::timeout(&net, limit, net.connect(lease.backend().addr())).await {
+            let header = self.proxy_protocol.map(|v| {
+                let dest = net
+                    .local_addr(&client)
+                    .ok()
+                    .or(self.listen_addr)
+                    .unwrap_or(peer);
+                proxy_protocol::encode(v, peer, dest)
+            });
+            let connect = async {
+                let mut stream = net.connect(lease.backend().addr()).await?;
+                if let Some(header) = header {
+                    stream.write_all(&header).await?;
+                }
+                Ok(stream)
+            };
+            match net::timeout(&net, limit, connect).await {
                 Ok(stream) => {
                     lease.succeeded();
                     connected = Some((stream, lease));

@@ -21,6 +21,7 @@ use crate::health;
 use crate::log::{info, warn};
 use crate::net::{self, Net};
 use crate::policy;
+use crate::proxy_protocol;
 use crate::relay::Relay;
 use crate::route;
 use crate::server;
@@ -87,6 +88,7 @@ impl WsProxy {
                 .collect(),
             balancing: crate::config::Balancing::default(),
             health_check: None,
+            send_proxy_protocol: None,
             preserve_host: false,
             x_forwarded_for: true,
             x_forwarded_proto: true,
@@ -192,7 +194,9 @@ impl WsProxy {
         listener: N::Listener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), Error> {
-        let flow = Arc::new(Flow::new(self.section)?);
+        let mut flow = Flow::new(self.section)?;
+        flow.listen_addr = crate::net::Listener::local_addr(&listener).ok();
+        let flow = Arc::new(flow);
         let all: Vec<String> = flow
             .routes
             .iter()
@@ -232,6 +236,8 @@ impl WsProxy {
 /// What every connection of one WebSocket proxy shares.
 struct Flow {
     name: String,
+    /// The listener's address, for PROXY headers when the runtime cannot tell a stream's own.
+    listen_addr: Option<SocketAddr>,
     read_timeout: Duration,
     upgrade_timeout: Duration,
     max_head: usize,
@@ -270,6 +276,7 @@ impl Flow {
         }
         Ok(Flow {
             name: s.name,
+            listen_addr: None,
             read_timeout: Duration::from_millis(s.read_timeout_ms),
             upgrade_timeout: Duration::from_millis(s.upgrade_timeout_ms),
             max_head: s.max_request_head_bytes,
@@ -416,11 +423,22 @@ impl Flow {
             let sent = handshake::forward(&request, &target, &backend, peer.ip(), &route.forward)
                 .map_err(Ended::Refused)?;
             let limit = attempts.connect_timeout(net.now());
+            let proxy_header = route.config.send_proxy_protocol.map(|v| {
+                let dest = net
+                    .local_addr(client)
+                    .ok()
+                    .or(self.listen_addr)
+                    .unwrap_or(peer);
+                proxy_protocol::encode(v, peer, dest)
+            });
             let attempt = async {
                 let mut upstream = net::timeout(net, limit, net.connect(&backend)).await?;
                 // The client's pipelined bytes go right behind the head: they are the tunnel's
                 // first bytes, and a backend that answers 101 expects them next.
-                let mut out = Vec::with_capacity(sent.head.len() + head.rest.len());
+                let mut out = Vec::with_capacity(sent.head.len() + head.rest.len() + 64);
+                if let Some(header) = &proxy_header {
+                    out.extend_from_slice(header);
+                }
                 out.extend_from_slice(&sent.head);
                 out.extend_from_slice(&head.rest);
                 upstream.write_all(&out).await?;

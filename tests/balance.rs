@@ -376,3 +376,78 @@ fn an_active_http_check_takes_a_backend_out_and_brings_it_back() {
         "passing checks bring it back"
     );
 }
+
+/// A backend that reads a PROXY header, reports the addresses it carried, then echoes.
+fn proxy_protocol_backend() -> (
+    SocketAddr,
+    std::sync::mpsc::Receiver<(SocketAddr, SocketAddr, Vec<u8>)>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().map_while(Result::ok) {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                smol::block_on(async {
+                    let mut s = async_net::TcpStream::try_from(stream).unwrap();
+                    let (addrs, rest) = portcullis::proxy_protocol::read_header(&mut s)
+                        .await
+                        .expect("a PROXY header");
+                    let (src, dst) = addrs.expect("addresses");
+                    // What followed the header in the same read: the first bytes of the stream.
+                    let _ = tx.send((src, dst, rest.clone()));
+                    use futures_lite::AsyncWriteExt;
+                    let _ = s.write_all(&rest).await;
+                    let mut r = s.clone();
+                    let _ = futures_lite::io::copy(&mut r, &mut s).await;
+                    let _ = s.close().await;
+                })
+            });
+        }
+    });
+    (addr, rx)
+}
+
+#[test]
+fn tcp_backends_learn_the_client_address_by_proxy_protocol_v1_and_v2() {
+    for version in ["v1", "v2"] {
+        let (backend, seen) = proxy_protocol_backend();
+        let proxy = serve_tcp(&format!(
+            "[[tcp_proxy]]\nlisten = \"127.0.0.1:0\"\nsend_proxy_protocol = \"{version}\"\nbackends = [\"{backend}\"]\n"
+        ));
+        let mut s = connect(proxy);
+        let client = s.local_addr().unwrap();
+        s.write_all(b"after the header").unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        assert_eq!(
+            got, b"after the header",
+            "{version}: the stream passes unchanged"
+        );
+        let (src, dst, _) = seen.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!((src, dst), (client, proxy), "{version}");
+    }
+}
+
+#[test]
+fn websocket_backends_get_the_proxy_header_before_the_request() {
+    for version in ["v1", "v2"] {
+        let (backend, seen) = proxy_protocol_backend();
+        let proxy = serve_ws(&format!(
+            "[[ws_proxy]]\nlisten = \"127.0.0.1:0\"\nupgrade_timeout_ms = 300\n\
+             send_proxy_protocol = \"{version}\"\nbackends = [\"{backend}\"]\n"
+        ));
+        let mut s = connect(proxy);
+        let client = s.local_addr().unwrap();
+        s.write_all(UPGRADE.as_bytes()).unwrap();
+        let (src, dst, rest) = seen.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!((src, dst), (client, proxy), "{version}");
+        assert!(
+            rest.starts_with(b"GET / HTTP/1.1\r\n"),
+            "{version}: {:?}",
+            String::from_utf8_lossy(&rest)
+        );
+    }
+}
