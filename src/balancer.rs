@@ -9,6 +9,7 @@
 //! connection.
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,6 +35,23 @@ pub struct Backend {
     active: AtomicUsize,
     passive: Passive,
     checks: Active,
+    /// The addresses its host name resolved to at the last refresh, used in turn; empty
+    /// before the first refresh (and for IP literals), when connects resolve the name
+    /// themselves.
+    resolved: std::sync::Mutex<Vec<SocketAddr>>,
+    /// Which of `resolved` the next connection goes to.
+    rotation: AtomicUsize,
+}
+
+/// What a refresh of a backend's addresses did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refresh {
+    /// The name resolved to the same addresses as before.
+    Unchanged,
+    /// The name resolved to new addresses, now in use.
+    Changed(Vec<SocketAddr>),
+    /// The name did not resolve (or to nothing): the last good addresses stay in use.
+    KeptLastGood(String),
 }
 
 impl Backend {
@@ -48,6 +66,8 @@ impl Backend {
             active: AtomicUsize::new(0),
             passive: Passive::new(PassiveConfig::default()),
             checks: Active::default(),
+            resolved: std::sync::Mutex::new(Vec::new()),
+            rotation: AtomicUsize::new(0),
         }
     }
 
@@ -115,6 +135,63 @@ impl Backend {
         &self.path
     }
 
+    /// Whether the address names a host (to be resolved) rather than an IP.
+    pub fn is_name(&self) -> bool {
+        let host = self
+            .addr
+            .rsplit_once(':')
+            .map_or(self.addr.as_str(), |(h, _)| h);
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_err()
+    }
+
+    /// Where the next connection to this backend connects to, in order: the addresses its
+    /// name last resolved to, starting one further each time so every address gets
+    /// connections (and an address that refuses is passed over for the next); the name
+    /// itself before the first resolution.
+    pub fn targets(&self) -> Vec<String> {
+        let resolved = self.resolved.lock().unwrap_or_else(|e| e.into_inner());
+        if resolved.is_empty() {
+            return vec![self.addr.clone()];
+        }
+        let start = self.rotation.fetch_add(1, Ordering::Relaxed);
+        (0..resolved.len())
+            .map(|i| resolved[(start + i) % resolved.len()].to_string())
+            .collect()
+    }
+
+    /// Connects to this backend: to each of [`Backend::targets`] in turn until one accepts.
+    pub async fn connect<N: crate::net::Net>(&self, net: &N) -> std::io::Result<N::Stream> {
+        let mut last = None;
+        for target in self.targets() {
+            match net.connect(&target).await {
+                Ok(stream) => return Ok(stream),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| std::io::ErrorKind::NotFound.into()))
+    }
+
+    /// Takes the result of resolving this backend's name: new addresses replace the old ones;
+    /// a failure, or no address at all, keeps the last good ones.
+    pub fn refresh(&self, result: std::io::Result<Vec<SocketAddr>>) -> Refresh {
+        let mut addrs = match result {
+            Ok(addrs) if !addrs.is_empty() => addrs,
+            Ok(_) => return Refresh::KeptLastGood("the name has no addresses".into()),
+            Err(e) => return Refresh::KeptLastGood(e.to_string()),
+        };
+        addrs.sort();
+        addrs.dedup();
+        let mut resolved = self.resolved.lock().unwrap_or_else(|e| e.into_inner());
+        if *resolved == addrs {
+            return Refresh::Unchanged;
+        }
+        *resolved = addrs.clone();
+        Refresh::Changed(addrs)
+    }
+
     /// Connections open to this backend now.
     pub fn active_connections(&self) -> usize {
         self.active.load(Ordering::Relaxed)
@@ -141,6 +218,55 @@ impl fmt::Display for Backend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.addr)
     }
+}
+
+/// Re-resolves the host names among `backends` every `interval` until `stop` completes, so
+/// connections follow DNS changes and use every address a name has. A name that stops
+/// resolving keeps its last good addresses, with one warning (and one line when it recovers).
+pub(crate) fn spawn_resolver<N: crate::net::Net>(
+    net: &N,
+    pool: &str,
+    backends: &[Arc<Backend>],
+    interval: Duration,
+    stop: &async_channel::Receiver<()>,
+) {
+    let named: Vec<Arc<Backend>> = backends.iter().filter(|b| b.is_name()).cloned().collect();
+    if named.is_empty() {
+        return;
+    }
+    let (net2, pool, stop) = (net.clone(), pool.to_string(), stop.clone());
+    net.spawn(async move {
+        let run = async {
+            let mut failing = vec![false; named.len()];
+            loop {
+                for (b, failing) in named.iter().zip(failing.iter_mut()) {
+                    let result = net2.resolve(b.addr()).await;
+                    if matches!(&result, Err(e) if e.kind() == std::io::ErrorKind::Unsupported) {
+                        // This runtime has no resolver: connects go by name, nothing to do.
+                        return;
+                    }
+                    match b.refresh(result) {
+                        Refresh::Changed(addrs) => {
+                            *failing = false;
+                            let list: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+                            crate::log::info!("resolved pool={pool} backend={b} addresses={}", list.join(","));
+                        }
+                        Refresh::KeptLastGood(why) if !*failing => {
+                            *failing = true;
+                            warn!("resolve failed pool={pool} backend={b}, keeping its last addresses: {why}");
+                        }
+                        Refresh::Unchanged => *failing = false,
+                        Refresh::KeptLastGood(_) => {}
+                    }
+                }
+                net2.sleep(interval).await;
+            }
+        };
+        futures_lite::future::or(run, async {
+            let _ = stop.recv().await;
+        })
+        .await;
+    });
 }
 
 /// How a pool picks among its eligible backends.
@@ -661,6 +787,47 @@ mod tests {
             assert_eq!(first(later).backend().addr(), "ok:1", "trial under way");
         }
         drop(trial);
+    }
+
+    #[test]
+    fn names_resolve_to_every_address_in_turn_and_keep_the_last_good_ones() {
+        let b = Backend::new("db.internal:5432");
+        assert!(b.is_name());
+        assert!(!Backend::new("10.0.0.1:5432").is_name());
+        assert!(!Backend::new("[::1]:5432").is_name());
+        assert_eq!(
+            b.targets(),
+            ["db.internal:5432"],
+            "before the first resolution"
+        );
+        let a1: SocketAddr = "10.0.0.1:5432".parse().unwrap();
+        let a2: SocketAddr = "10.0.0.2:5432".parse().unwrap();
+        assert_eq!(
+            b.refresh(Ok(vec![a2, a1, a2])),
+            Refresh::Changed(vec![a1, a2])
+        );
+        let firsts: Vec<String> = (0..4).map(|_| b.targets()[0].clone()).collect();
+        assert_eq!(
+            firsts,
+            [
+                "10.0.0.1:5432",
+                "10.0.0.2:5432",
+                "10.0.0.1:5432",
+                "10.0.0.2:5432"
+            ]
+        );
+        assert_eq!(
+            b.targets(),
+            ["10.0.0.1:5432", "10.0.0.2:5432"],
+            "the others follow"
+        );
+        assert_eq!(b.refresh(Ok(vec![a1, a2])), Refresh::Unchanged);
+        let gone = b.refresh(Err(std::io::ErrorKind::NotFound.into()));
+        assert!(matches!(gone, Refresh::KeptLastGood(_)));
+        assert!(matches!(b.refresh(Ok(vec![])), Refresh::KeptLastGood(_)));
+        assert_eq!(b.targets().len(), 2, "the last good addresses stay in use");
+        assert_eq!(b.refresh(Ok(vec![a2])), Refresh::Changed(vec![a2]));
+        assert_eq!(b.targets(), ["10.0.0.2:5432"]);
     }
 
     #[test]

@@ -41,6 +41,10 @@ use crate::Error;
 /// in rws. It never applies to an established tunnel.
 pub const DEFAULT_READ_TIMEOUT_MS: u64 = 30_000;
 
+/// How often backend host names are resolved again when not configured: DNS records of
+/// services that move (Kubernetes, cloud load balancers) change on the order of a minute.
+pub const DEFAULT_RESOLVE_INTERVAL_MS: u64 = 30_000;
+
 /// How long a backend may take to answer a WebSocket upgrade when none is configured: a backend
 /// that accepted the connection but has not answered in 5 s is not going to serve this client
 /// well, and the client should hear 504 rather than wait on.
@@ -115,6 +119,8 @@ pub struct Balancing {
     pub max_fails: u32,
     /// How long the first ejection lasts (`fail_timeout_ms`); it doubles on each repeat.
     pub fail_timeout_ms: u64,
+    /// How often host names among the backends are resolved again (`resolve_interval_ms`).
+    pub resolve_interval_ms: u64,
 }
 
 impl Default for Balancing {
@@ -126,6 +132,7 @@ impl Default for Balancing {
             connect_budget_ms: None,
             max_fails: crate::health::DEFAULT_MAX_FAILS,
             fail_timeout_ms: crate::health::DEFAULT_FAIL_TIMEOUT_MS,
+            resolve_interval_ms: DEFAULT_RESOLVE_INTERVAL_MS,
         }
     }
 }
@@ -367,6 +374,7 @@ mod raw {
         pub connect_budget_ms: Option<Spanned<u64>>,
         pub max_fails: Option<Spanned<u64>>,
         pub fail_timeout_ms: Option<Spanned<u64>>,
+        pub resolve_interval_ms: Option<Spanned<u64>>,
         pub health_check: Option<Spanned<HealthCheck>>,
         pub send_proxy_protocol: Option<Spanned<String>>,
     }
@@ -401,6 +409,7 @@ mod raw {
         pub connect_budget_ms: Option<Spanned<u64>>,
         pub max_fails: Option<Spanned<u64>>,
         pub fail_timeout_ms: Option<Spanned<u64>>,
+        pub resolve_interval_ms: Option<Spanned<u64>>,
         pub health_check: Option<Spanned<HealthCheck>>,
         pub send_proxy_protocol: Option<Spanned<String>>,
     }
@@ -438,6 +447,7 @@ mod raw {
         pub connect_budget_ms: Option<Spanned<u64>>,
         pub max_fails: Option<Spanned<u64>>,
         pub fail_timeout_ms: Option<Spanned<u64>>,
+        pub resolve_interval_ms: Option<Spanned<u64>>,
         pub health_check: Option<Spanned<HealthCheck>>,
         pub send_proxy_protocol: Option<Spanned<String>>,
     }
@@ -500,6 +510,7 @@ impl raw::WsRoute {
             connect_budget_ms: None,
             max_fails: None,
             fail_timeout_ms: None,
+            resolve_interval_ms: None,
             health_check: None,
             send_proxy_protocol: None,
         }
@@ -517,6 +528,7 @@ struct BalancingFields<'a> {
     connect_budget_ms: Option<&'a Spanned<u64>>,
     max_fails: Option<&'a Spanned<u64>>,
     fail_timeout_ms: Option<&'a Spanned<u64>>,
+    resolve_interval_ms: Option<&'a Spanned<u64>>,
 }
 
 macro_rules! balancing_fields {
@@ -529,6 +541,7 @@ macro_rules! balancing_fields {
             connect_budget_ms: $t.connect_budget_ms.as_ref(),
             max_fails: $t.max_fails.as_ref(),
             fail_timeout_ms: $t.fail_timeout_ms.as_ref(),
+            resolve_interval_ms: $t.resolve_interval_ms.as_ref(),
         }
     };
 }
@@ -544,6 +557,7 @@ impl<'a> BalancingFields<'a> {
             connect_budget_ms: self.connect_budget_ms.or(section.connect_budget_ms),
             max_fails: self.max_fails.or(section.max_fails),
             fail_timeout_ms: self.fail_timeout_ms.or(section.fail_timeout_ms),
+            resolve_interval_ms: self.resolve_interval_ms.or(section.resolve_interval_ms),
         }
     }
 }
@@ -748,6 +762,7 @@ impl Source<'_> {
             connect_budget_ms: s.connect_budget_ms,
             max_fails: s.max_fails,
             fail_timeout_ms: s.fail_timeout_ms,
+            resolve_interval_ms: s.resolve_interval_ms,
             health_check: s.health_check,
             send_proxy_protocol: s.send_proxy_protocol,
         };
@@ -1141,6 +1156,13 @@ impl Source<'_> {
                 &Some(t.clone()),
                 "fail_timeout_ms",
                 crate::health::DEFAULT_FAIL_TIMEOUT_MS,
+            )?;
+        }
+        if let Some(t) = f.resolve_interval_ms {
+            b.resolve_interval_ms = self.timeout(
+                &Some(t.clone()),
+                "resolve_interval_ms",
+                DEFAULT_RESOLVE_INTERVAL_MS,
             )?;
         }
         Ok(b)

@@ -255,7 +255,7 @@ pub(crate) fn spawn_checks<N: crate::net::Net>(
         net.spawn(async move {
             let run = async {
                 loop {
-                    let ok = probe(&net2, backend.addr(), &config).await;
+                    let ok = probe(&net2, &backend, &config).await;
                     match backend.checks().record(ok.is_ok(), &config) {
                         Some(Flip::Down(_)) => crate::log::warn!(
                             "backend down pool={pool} backend={backend} check={:?} ({})",
@@ -282,12 +282,13 @@ pub(crate) fn spawn_checks<N: crate::net::Net>(
 /// One probe of `addr`: `Err` says why it failed.
 async fn probe<N: crate::net::Net>(
     net: &N,
-    addr: &str,
+    backend: &crate::balancer::Backend,
     config: &ActiveConfig,
 ) -> Result<(), String> {
+    let addr = backend.addr();
     use futures_lite::AsyncWriteExt;
     let work = async {
-        let mut stream = net.connect(addr).await?;
+        let mut stream = backend.connect(net).await?;
         let request = match config.kind {
             CheckKind::Tcp => return Ok(Ok(())),
             CheckKind::Http => format!(

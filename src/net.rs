@@ -54,6 +54,20 @@ pub trait Net: Clone + Send + Sync + 'static {
     /// Runs `f` in the background.
     fn spawn<F: Future<Output = ()> + Send + 'static>(&self, f: F);
 
+    /// Resolves `addr` (`"host:port"`) to every address the name has, for a pool that
+    /// spreads connections over all of them. Runtimes without a resolver return the address
+    /// itself when it is an IP literal and `Unsupported` otherwise; the pool then connects by
+    /// name.
+    fn resolve(&self, addr: &str) -> impl Future<Output = io::Result<Vec<SocketAddr>>> + Send {
+        let parsed = addr.parse::<SocketAddr>();
+        async move {
+            match parsed {
+                Ok(a) => Ok(vec![a]),
+                Err(_) => Err(io::ErrorKind::Unsupported.into()),
+            }
+        }
+    }
+
     /// The local address of an accepted stream: the address the client connected to, which the
     /// PROXY protocol tells the backend. Runtimes that cannot say return `Unsupported`, and the
     /// listener's address is used instead.
@@ -175,5 +189,9 @@ impl Net for SmolNet {
 
     fn local_addr(&self, stream: &async_net::TcpStream) -> io::Result<SocketAddr> {
         stream.local_addr()
+    }
+
+    async fn resolve(&self, addr: &str) -> io::Result<Vec<SocketAddr>> {
+        async_net::resolve(addr).await
     }
 }

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::balancer::{Balance, Pool, Retry};
+use crate::balancer::{self, Balance, Pool, Retry};
 use crate::config::{BackendConfig, Balancing, TcpSection};
 use crate::health;
 use crate::log::{info, warn};
@@ -174,6 +174,8 @@ impl TcpProxy {
         if let Some(check) = &s.health_check {
             health::spawn_checks(&net, &s.name, pool.backends(), check, &stopped);
         }
+        let resolve_every = Duration::from_millis(s.balancing.resolve_interval_ms);
+        balancer::spawn_resolver(&net, &s.name, pool.backends(), resolve_every, &stopped);
         let flow = Arc::new(Flow {
             retry: Retry::from_config(&s.balancing, s.connect_timeout_ms),
             pool,
@@ -227,7 +229,7 @@ impl Flow {
                 proxy_protocol::encode(v, peer, dest)
             });
             let connect = async {
-                let mut stream = net.connect(lease.backend().addr()).await?;
+                let mut stream = lease.backend().connect(&net).await?;
                 if let Some(header) = header {
                     stream.write_all(&header).await?;
                 }

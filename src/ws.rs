@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 
-use crate::balancer::{HashKey, Lease, Pool, Retry};
+use crate::balancer::{self, HashKey, Lease, Pool, Retry};
 use crate::config::{self, WsRoute, WsSection};
 use crate::handshake::{self, ForwardOptions, Head, HeadError, Incoming, Refusal, Response};
 use crate::health;
@@ -215,6 +215,9 @@ impl WsProxy {
                 let pool = format!("{}{}", flow.name, r.config.path);
                 health::spawn_checks(&net, &pool, r.pool.backends(), check, &stopped);
             }
+            let pool = format!("{}{}", flow.name, r.config.path);
+            let every = Duration::from_millis(r.config.balancing.resolve_interval_ms);
+            balancer::spawn_resolver(&net, &pool, r.pool.backends(), every, &stopped);
         }
         let left = server::accept_loop(
             &net,
@@ -417,6 +420,7 @@ impl Flow {
         let mut last = Ended::Refused(Refusal::NoBackend);
         while let Some(mut lease) = attempts.next(net.now()) {
             let backend = lease.backend().addr().to_string();
+            let backend_ref = lease.backend();
             log.backend = backend.clone();
             let target =
                 route::backend_target(&route.config, lease.backend().path(), request.target());
@@ -432,7 +436,7 @@ impl Flow {
                 proxy_protocol::encode(v, peer, dest)
             });
             let attempt = async {
-                let mut upstream = net::timeout(net, limit, net.connect(&backend)).await?;
+                let mut upstream = net::timeout(net, limit, backend_ref.connect(net)).await?;
                 // The client's pipelined bytes go right behind the head: they are the tunnel's
                 // first bytes, and a backend that answers 101 expects them next.
                 let mut out = Vec::with_capacity(sent.head.len() + head.rest.len() + 64);

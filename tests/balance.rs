@@ -451,3 +451,22 @@ fn websocket_backends_get_the_proxy_header_before_the_request() {
         );
     }
 }
+
+#[test]
+fn a_backend_named_by_host_is_resolved_and_every_address_that_answers_serves() {
+    // localhost resolves to 127.0.0.1 and, on most machines, ::1 as well; the echo listens on
+    // 127.0.0.1 only, so an address that refuses must be passed over within the same attempt.
+    let backend = Echo::start();
+    let proxy = serve_tcp(&format!(
+        "[[tcp_proxy]]\nlisten = \"127.0.0.1:0\"\nresolve_interval_ms = 50\nbackends = [\"localhost:{}\"]\n",
+        backend.addr.port()
+    ));
+    for i in 0..20 {
+        echo(proxy, format!("by name {i}").as_bytes()).unwrap();
+        if i == 9 {
+            // Let the resolver's first refresh land: the second half goes by address.
+            std::thread::sleep(Duration::from_millis(150));
+        }
+    }
+    assert_eq!(backend.accepted(), 20);
+}

@@ -25,8 +25,19 @@ fn run(args: &[&str]) -> (i32, String, String) {
 /// A running proxy process, killed when dropped.
 struct Running {
     child: Child,
-    /// The address of each `listening` line, in order.
-    addrs: Vec<SocketAddr>,
+    /// The name and address of each `listening` line, in the order they were printed
+    /// (sections start concurrently, so that order is not the file's).
+    addrs: Vec<(String, SocketAddr)>,
+}
+
+impl Running {
+    /// The address the section called `name` listens on.
+    fn addr(&self, name: &str) -> SocketAddr {
+        let found = self.addrs.iter().find(|(n, _)| n == name);
+        found
+            .unwrap_or_else(|| panic!("no listener {name} in {:?}", self.addrs))
+            .1
+    }
 }
 
 impl Drop for Running {
@@ -48,9 +59,15 @@ fn start(args: &[&str], listeners: usize) -> Running {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(addr) = line.split("addr=").nth(1) {
-                let addr = addr.split_whitespace().next().unwrap_or("").to_string();
-                if tx.send(addr).is_err() {
+            let field = |key: &str| {
+                let value = line.split(&format!(" {key}=")).nth(1)?;
+                Some(value.split_whitespace().next().unwrap_or("").to_string())
+            };
+            if line.contains(" listening ") {
+                let (Some(name), Some(addr)) = (field("name"), field("addr")) else {
+                    continue;
+                };
+                if tx.send((name, addr)).is_err() {
                     break;
                 }
             }
@@ -61,10 +78,12 @@ fn start(args: &[&str], listeners: usize) -> Running {
         addrs: Vec::new(),
     };
     for _ in 0..listeners {
-        let addr = rx
+        let (name, addr) = rx
             .recv_timeout(Duration::from_secs(10))
             .expect("a listening line");
-        running.addrs.push(addr.parse().expect("a socket address"));
+        running
+            .addrs
+            .push((name, addr.parse().expect("a socket address")));
     }
     running
 }
@@ -188,7 +207,7 @@ fn a_one_off_tcp_proxy_from_flags_carries_bytes() {
         1,
     );
     assert_eq!(
-        echo_through(proxy.addrs[0], b"ping over tcp"),
+        echo_through(proxy.addr("tcp-1"), b"ping over tcp"),
         b"ping over tcp"
     );
 }
@@ -204,9 +223,9 @@ fn a_config_file_runs_every_section() {
         ),
     );
     let proxy = start(&["--config", file.to_str().unwrap()], 2);
-    assert_eq!(echo_through(proxy.addrs[0], b"first"), b"first");
+    assert_eq!(echo_through(proxy.addr("one"), b"first"), b"first");
     // The WebSocket section answers a plain GET with a clear refusal.
-    let answer = echo_through(proxy.addrs[1], b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    let answer = echo_through(proxy.addr("two"), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
     let answer = String::from_utf8_lossy(&answer);
     assert!(
         answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
