@@ -212,6 +212,32 @@ pub struct WsRoute {
     pub subprotocols: Option<Vec<String>>,
 }
 
+impl WsRoute {
+    /// A route matching every request, to `backends`, with every option at its default.
+    pub fn catch_all<I, S>(backends: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        WsRoute {
+            host: None,
+            path: "/".to_string(),
+            rewrite: None,
+            backends: backends.into_iter().map(BackendConfig::new).collect(),
+            balancing: Balancing::default(),
+            health_check: None,
+            send_proxy_protocol: None,
+            preserve_host: false,
+            x_forwarded_for: true,
+            x_forwarded_proto: true,
+            x_forwarded_host: true,
+            headers: Vec::new(),
+            allowed_origins: None,
+            subprotocols: None,
+        }
+    }
+}
+
 impl Config {
     /// Reads and validates the file at `path`.
     pub fn load(path: impl AsRef<Path>) -> Result<Config, Error> {

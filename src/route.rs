@@ -92,20 +92,7 @@ mod tests {
             host: host.map(str::to_string),
             path: path.to_string(),
             rewrite: rewrite.map(str::to_string),
-            backends: vec![crate::config::BackendConfig::new(format!(
-                "{}{path}:1",
-                host.unwrap_or("any")
-            ))],
-            balancing: crate::config::Balancing::default(),
-            health_check: None,
-            send_proxy_protocol: None,
-            preserve_host: false,
-            x_forwarded_for: true,
-            x_forwarded_proto: true,
-            x_forwarded_host: true,
-            headers: Vec::new(),
-            allowed_origins: None,
-            subprotocols: None,
+            ..WsRoute::catch_all([format!("{}{path}:1", host.unwrap_or("any"))])
         }
     }
 

@@ -78,25 +78,7 @@ impl WsProxy {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        let route = WsRoute {
-            host: None,
-            path: "/".to_string(),
-            rewrite: None,
-            backends: backends
-                .into_iter()
-                .map(|b| crate::config::BackendConfig::new(b))
-                .collect(),
-            balancing: crate::config::Balancing::default(),
-            health_check: None,
-            send_proxy_protocol: None,
-            preserve_host: false,
-            x_forwarded_for: true,
-            x_forwarded_proto: true,
-            x_forwarded_host: true,
-            headers: Vec::new(),
-            allowed_origins: None,
-            subprotocols: None,
-        };
+        let route = WsRoute::catch_all(backends);
         WsProxy::from_section(WsSection {
             name: "ws".to_string(),
             listen: String::new(),
