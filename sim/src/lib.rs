@@ -15,6 +15,8 @@
 //! - [`run_seeds`] and [`test_name!`]: run a scenario for one fixed seed, or `SEEDS=N` seeds, or
 //!   the single seed `SEED=S`, and name the failing seed with a one-line replay command;
 //! - [`serve_proxy`], [`echo_server`] and [`echo`]: the software of the proxy and backend hosts;
+//!   [`counting_echo_server`] also records each connection it accepts ([`EchoStats`]), so a
+//!   scenario can count what each backend of a pool got, and when;
 //! - [`serve_ws_proxy`] and [`ws_backend`]: the same for the WebSocket flow, the backend a
 //!   minimal one that reads the forwarded head with the proxy's own `read_head`, answers
 //!   ([`WsAnswer`]) with a 101, silence or a hang-up, echoes, and records what it saw
@@ -299,6 +301,81 @@ pub async fn echo(stream: turmoil::net::TcpStream) -> io::Result<u64> {
     let n = tokio::io::copy(&mut r, &mut w).await?;
     w.shutdown().await?;
     Ok(n)
+}
+
+/// One connection a [`counting_echo_server`] accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accepted {
+    /// When (simulation time) it was accepted.
+    pub at: Duration,
+    /// The bytes it echoed, once the peer's FIN came and the echo half-closed; `None` while
+    /// open, or when it failed or the host crashed first. A TCP health probe connects and
+    /// closes at once, so it shows as `Some(0)`: a client connection carries bytes.
+    pub echoed: Option<u64>,
+}
+
+/// What a [`counting_echo_server`] saw, shared with the test (hosts and the test run on one
+/// thread, so an `Rc` is enough). It outlives crashes and bounces of the host.
+#[derive(Debug, Default)]
+pub struct EchoStats {
+    /// Every connection accepted, in order.
+    pub conns: Vec<Accepted>,
+    /// Connections open now (accepted, echo not finished, host not crashed since).
+    pub open: usize,
+}
+
+impl EchoStats {
+    /// Connections accepted in `from..to` (simulation time) that were not health probes: they
+    /// carried bytes, or have not finished yet.
+    pub fn clients_between(&self, from: Duration, to: Duration) -> usize {
+        self.conns
+            .iter()
+            .filter(|c| (from..to).contains(&c.at) && c.echoed != Some(0))
+            .count()
+    }
+
+    /// When the first connection at or after `from` that was not a health probe was accepted.
+    pub fn first_client_after(&self, from: Duration) -> Option<Duration> {
+        self.conns
+            .iter()
+            .find(|c| c.at >= from && c.echoed != Some(0))
+            .map(|c| c.at)
+    }
+}
+
+/// The shared record of a [`counting_echo_server`].
+pub type EchoLog = std::rc::Rc<RefCell<EchoStats>>;
+
+/// An [`echo_server`] that records every connection it accepts, and how many are open, in
+/// `log`, so a scenario can count the connections each backend got and when.
+pub async fn counting_echo_server(port: u16, log: EchoLog) -> turmoil::Result {
+    /// Counts a connection as open until its task ends, or is dropped by a crash.
+    struct Open(EchoLog);
+    impl Drop for Open {
+        fn drop(&mut self) {
+            self.0.borrow_mut().open -= 1;
+        }
+    }
+    let listener = turmoil::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).await?;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let i = {
+            let mut stats = log.borrow_mut();
+            stats.conns.push(Accepted {
+                at: sim_time(),
+                echoed: None,
+            });
+            stats.open += 1;
+            stats.conns.len() - 1
+        };
+        let open = Open(log.clone());
+        tokio::task::spawn_local(async move {
+            if let Ok(n) = echo(stream).await {
+                open.0.borrow_mut().conns[i].echoed = Some(n);
+            }
+            drop(open);
+        });
+    }
 }
 
 /// One step of SplitMix64: a good 64-bit mix of `x`.
