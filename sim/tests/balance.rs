@@ -151,15 +151,25 @@ fn world(
     max_latency: Duration,
     duration: Duration,
 ) -> (turmoil::Sim<'static>, Vec<EchoLog>) {
+    let mut builder = turmoil::Builder::new();
+    builder
+        .rng_seed(seed)
+        .max_message_latency(max_latency)
+        .simulation_duration(duration);
+    world_with(builder, toml, backends)
+}
+
+/// [`world`] from a builder the caller configured.
+fn world_with(
+    builder: turmoil::Builder,
+    toml: &str,
+    backends: &[&'static str],
+) -> (turmoil::Sim<'static>, Vec<EchoLog>) {
     let section = Config::parse(toml, "balance.toml")
         .unwrap_or_else(|e| panic!("{e}"))
         .tcp_proxy
         .remove(0);
-    let mut sim = turmoil::Builder::new()
-        .rng_seed(seed)
-        .max_message_latency(max_latency)
-        .simulation_duration(duration)
-        .build();
+    let mut sim = builder.build();
     let mut logs = Vec::new();
     for &b in backends {
         let log = EchoLog::default();
@@ -502,6 +512,195 @@ fn backend_still_down_at_its_trial_is_ejected_again_for_twice_as_long() {
             "seed {seed}: first trial {:?} after the crash (failed), second {:?} after it",
             trial - c,
             back - c
+        );
+        Ok(())
+    });
+}
+
+/// The active check of the partition scenario: a TCP connect every [`INTERVAL`], given up
+/// after [`PROBE_TIMEOUT`].
+const INTERVAL: Duration = Duration::from_millis(100);
+const PROBE_TIMEOUT: Duration = Duration::from_millis(50);
+const UNHEALTHY: u32 = 3;
+const HEALTHY: u32 = 2;
+
+/// A connect timeout long enough that a client sent to a cut-off backend shows: it waits a
+/// whole second before failing over.
+const LONG_CONNECT_TIMEOUT: Duration = Duration::from_millis(1000);
+
+#[test]
+fn backend_cut_off_from_the_proxy_alone_is_caught_by_the_active_check_and_back_once_the_link_heals()
+{
+    run_seeds(test_name!(), |seed| {
+        let mut rng = Rng::new(seed);
+        let max_latency = rng.millis(1, 3);
+        let hold_at = Duration::from_millis(1000) + rng.millis(0, 100);
+        let release_at = hold_at + Duration::from_millis(1500);
+        let end = release_at + Duration::from_millis(1000);
+        // Passive ejection is out of the way (max_fails far above what the scenario reaches),
+        // so only the active check can take b2 out.
+        let toml = format!(
+            r#"
+            [[tcp_proxy]]
+            listen = "0.0.0.0:7000"
+            backends = ["b1:9000", "b2:9000", "b3:9000"]
+            connect_timeout_ms = {}
+            max_fails = 1000
+            [tcp_proxy.health_check]
+            kind = "tcp"
+            interval_ms = {}
+            timeout_ms = {}
+            unhealthy_threshold = {UNHEALTHY}
+            healthy_threshold = {HEALTHY}
+            "#,
+            LONG_CONNECT_TIMEOUT.as_millis(),
+            INTERVAL.as_millis(),
+            PROBE_TIMEOUT.as_millis(),
+        );
+        let mut builder = turmoil::Builder::new();
+        builder
+            .rng_seed(seed)
+            .max_message_latency(max_latency)
+            .simulation_duration(end + Duration::from_secs(10))
+            // The release delivers every SYN held for b2 at once, a hundred or more (the
+            // proxy gave up on them long ago, so b2 skips them); turmoil panics when more
+            // than `tcp_capacity` wait on one listener.
+            .tcp_capacity(1024);
+        let (mut sim, logs) = world_with(builder, &toml, &["b1", "b2", "b3"]);
+        let outcomes = Outcomes::default();
+        let load = Load {
+            per_ms: (0, 2),
+            until: end,
+            max: u64::MAX,
+            len: 1024,
+            pieces: 4,
+            pace: 5 * MS,
+            // Held bytes of connections relayed to b2 when the link was cut arrive at the
+            // release, 1.5 s later.
+            limit: Duration::from_secs(3),
+        };
+        sim.client("clients", generate(load, rng.next_u64(), outcomes.clone()));
+        // While the link to the proxy is cut, b2 still answers anyone else.
+        sim.client("elsewhere", async move {
+            tokio::time::sleep(hold_at + Duration::from_millis(300)).await;
+            let mut s = turmoil::net::TcpStream::connect(("b2", BACKEND_PORT)).await?;
+            s.write_all(&pattern(u64::MAX, 0, 100)).await?;
+            let mut got = Vec::new();
+            let deadline = Instant::now() + Duration::from_millis(100);
+            match read_until(&mut s, &mut got, Some(100), deadline).await {
+                None => Ok(check_prefix(u64::MAX, &got)?),
+                Some(end) => Err(format!("b2 did not echo to another host: {end:?}").into()),
+            }
+        });
+
+        // `hold` delays every message between the two, both ways, so a connect hangs (where a
+        // `partition` would refuse it at once); `release` delivers what was held.
+        let (mut held, mut released) = (false, false);
+        run_with(&mut sim, |sim, now| {
+            if !held && now >= hold_at {
+                sim.hold("proxy", "b2");
+                held = true;
+            }
+            if !released && now >= release_at {
+                sim.release("proxy", "b2");
+                released = true;
+            }
+        })?;
+
+        let outcomes = outcomes.borrow();
+        if let Some(o) = outcomes.iter().find(|o| o.result.is_err()) {
+            return Err(format!(
+                "connection {} (started at {:?}) failed: {:?}",
+                o.id, o.start, o.result
+            )
+            .into());
+        }
+        // A connection sent to b2 while the check still thought it up waits out the connect
+        // timeout, then fails over. The check takes b2 out at its UNHEALTHY-th failed probe:
+        // the first probe after the hold starts within an interval (plus the round trip of
+        // the probe before it), and each failed one takes its timeout plus an interval.
+        let probe_round_trip = 2 * max_latency + TICKS;
+        let detect_min = PROBE_TIMEOUT + (UNHEALTHY - 1) * (PROBE_TIMEOUT + INTERVAL);
+        let detect_max = detect_min + INTERVAL + probe_round_trip;
+        let slow: Vec<Duration> = outcomes
+            .iter()
+            .filter(|o| o.took >= LONG_CONNECT_TIMEOUT)
+            .map(|o| o.start)
+            .collect();
+        let last_slow = slow
+            .iter()
+            .max()
+            .copied()
+            .ok_or("no connection was sent to b2 after the hold")?;
+        let detected = last_slow.saturating_sub(hold_at);
+        if last_slow < hold_at || detected > detect_max || detected + 50 * MS < detect_min {
+            return Err(format!(
+                "the last connection sent to the cut-off b2 started {detected:?} after the \
+                 hold; the check should take it out {detect_min:?}..={detect_max:?} after"
+            )
+            .into());
+        }
+        // From then on no connection is even tried on b2: all are quick, until the release.
+        let quick = 50 * MS;
+        if let Some(o) = outcomes
+            .iter()
+            .find(|o| o.start > hold_at + detect_max && o.took > quick)
+        {
+            return Err(format!(
+                "connection {} started {:?} after the hold took {:?}",
+                o.id,
+                o.start - hold_at,
+                o.took
+            )
+            .into());
+        }
+        // After the release the check needs HEALTHY passing probes: b2's first client comes
+        // no sooner than HEALTHY - 1 intervals, and no later than one more probe timeout and
+        // interval (a probe hanging at the release).
+        let b2 = logs[1].borrow();
+        // (A SYN already delivered when the link was cut may still be accepted in that tick.)
+        let during = b2.clients_between(hold_at + TICKS, release_at);
+        if during != 1 {
+            return Err(format!(
+                "b2 got {during} connections during the hold, expected only the one from \
+                 elsewhere"
+            )
+            .into());
+        }
+        let back = b2
+            .first_client_after(release_at)
+            .ok_or("b2 got no client connection after the release")?;
+        drop(b2);
+        let back_min = release_at + (HEALTHY - 1) * INTERVAL - TICKS;
+        let back_max = release_at + PROBE_TIMEOUT + HEALTHY * INTERVAL + probe_round_trip;
+        if back < back_min || back > back_max {
+            return Err(format!(
+                "b2 took a client again {:?} after the release, expected {:?}..={:?}",
+                back.saturating_sub(release_at),
+                back_min - release_at,
+                back_max - release_at
+            )
+            .into());
+        }
+        let before = counts(&logs, Duration::ZERO, hold_at - 20 * MS);
+        // (Until the connections that waited for b2 fail over to b3, a connect timeout after
+        // the hold.)
+        let out = counts(
+            &logs,
+            hold_at + detect_max + 20 * MS,
+            hold_at + LONG_CONNECT_TIMEOUT,
+        );
+        let after = counts(&logs, back + 20 * MS, end);
+        shares_within("before the hold", &before, &[1, 1, 1], 0.02)?;
+        shares_within("while b2 is down", &out, &[1, 0, 1], 0.02)?;
+        shares_within("after b2 is back", &after, &[1, 1, 1], 0.02)?;
+        eprintln!(
+            "seed {seed}: {} connections, none failed; {} waited for b2, the last starting \
+             {detected:?} after the hold; b2 back {:?} after the release; per backend before \
+             {before:?}, down {out:?}, back {after:?}",
+            outcomes.len(),
+            slow.len(),
+            back - release_at
         );
         Ok(())
     });
