@@ -28,28 +28,33 @@
 //! - [`connect_proxy`], [`read_until`], [`wait_for`] and [`sim_time`]: client-side reading with deadlines, waiting
 //!   on flags shared with the test, and the simulation clock.
 //!
-//! The scenarios, one file per subject in `sim/tests/`, each test named as the sentence it
-//! checks: `connect_timeout` (a backend that does not answer a connect, failover), `crash`
-//! (a backend or the proxy crashing mid-relay), `half_close` (a FIN each way under random
-//! latency), `partition` (a partition mid-relay, then repair), `chaos` (many clients, random
-//! faults), `drain` (graceful shutdown), `ws` (the WebSocket flow: upgrade and read timeouts,
-//! a backend failing mid-handshake, an idle tunnel, bytes behind heads). Run them with
-//! `cargo test -p sim`; `SEEDS=20 cargo test -p sim` tries 20 seeds each, and a failure prints
-//! its seed and the command that replays it.
+//! The scenarios, one file per subject in `sim/tests/`, each test named as the sentence it checks:
+//! `connect_timeout` (a backend that does not answer a connect, failover), `crash` (a backend or
+//! the proxy crashing mid-relay), `half_close` (a FIN each way under random latency), `partition`
+//! (a partition mid-relay, then repair), `chaos` (many clients, random faults), `drain` (graceful
+//! shutdown), `ws` (the WebSocket flow: upgrade and read timeouts, a backend failing mid-handshake,
+//! an idle tunnel, bytes behind heads), `balance` (backend pools configured from TOML: passive
+//! ejection of a crashed backend and its trial, an active check catching a silent partition, a
+//! WebSocket backend ejected after upgrade timeouts, weighted shares over 10 000 connections). Run
+//! them with `cargo test -p sim`; `SEEDS=20 cargo test -p sim` tries 20 seeds each, and a failure
+//! prints its seed and the command that replays it.
 //!
-//! Things about turmoil 0.7 a scenario has to know (see also `/work/shared/DESIGN.md`):
-//! `partition` makes a connect fail at once (refused) and silently drops data on an established
-//! stream; `hold` and a crashed host make a connect hang; there is no retransmission, so a
-//! dropped segment stalls its stream for good and only a timeout ends it; a listener with more
-//! than `tcp_capacity` (64) connections waiting to be accepted panics; `Sim::crash` and
-//! `Sim::bounce` are called from outside the simulation, between calls to `Sim::step`; a host
-//! that crashes drops its sockets, so its peers get a FIN (or a reset, where it had unread
-//! input) at once, unlike a real machine that loses power; a stream is counted by
-//! `established_tcp_stream_count_on` until both of its halves are dropped, so a proxy socket in
-//! a lingering close counts until the client closes too; every host is stepped once per tick
-//! whether anything happens or not, so simulated time costs wall time (about 35 µs per 1 ms
-//! tick for three hosts in a debug build: an idle hour is two minutes, unless the scenario
-//! uses a coarser `tick_duration`).
+//! Things about turmoil 0.7 a scenario has to know (see also `/work/shared/DESIGN.md`): `partition`
+//! makes a connect fail at once (refused) and silently drops data on an established stream; `hold`
+//! and a crashed host make a connect hang; there is no retransmission, so a dropped segment stalls
+//! its stream for good and only a timeout ends it; a listener with more than `tcp_capacity` (64)
+//! connections waiting to be accepted panics (a `release` after a long `hold` delivers every held
+//! SYN at once: raise it with `Builder::tcp_capacity`); `repair` after `hold` keeps the held
+//! messages held for good, only `release` delivers them; a connect completes the moment the server
+//! accepts (the SYN-ACK is not a network message), and a listener skips the SYN of a connect its
+//! client gave up on, so a late SYN never becomes a connection; `Sim::crash` and `Sim::bounce` are
+//! called from outside the simulation, between calls to `Sim::step`; a host that crashes drops its
+//! sockets, so its peers get a FIN (or a reset, where it had unread input) at once, unlike a real
+//! machine that loses power; a stream is counted by `established_tcp_stream_count_on` until both of
+//! its halves are dropped, so a proxy socket in a lingering close counts until the client closes
+//! too; every host is stepped once per tick whether anything happens or not, so simulated time
+//! costs wall time (about 35 µs per 1 ms tick for three hosts in a debug build: an idle hour is two
+//! minutes, unless the scenario uses a coarser `tick_duration`).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]

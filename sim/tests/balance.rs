@@ -7,17 +7,21 @@
 //!
 //! The backends are [`sim::counting_echo_server`]s, which record when they accepted each
 //! connection, so the scenarios count what every backend got before, during and after a fault.
-//! The clients are many workers on one client host, each opening short echo connections one
-//! after another, recording when each started, how long it took and how it ended.
+//! The TCP clients arrive on their own schedule (an open loop: a stalled connection does not
+//! hold the next ones back), each one short echo connection through the proxy, and record when
+//! they started, how long they took and how they ended. Every scenario checks that every byte
+//! sent came back once and in order, and bounds what it asserts about time by the seed's link
+//! latency.
 
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;
 
-use portcullis::{Config, TcpProxy};
+use portcullis::{Config, TcpProxy, WsProxy};
 use sim::{
     check_prefix, connect_proxy, counting_echo_server, pattern, read_until, run_seeds, serve_proxy,
-    sim_time, test_name, EchoLog, End, Rng, BACKEND_PORT, STARTUP,
+    serve_ws_proxy, sim_time, status_code, test_name, ws_backend, ws_frame, ws_upgrade, EchoLog,
+    End, Rng, WsAnswer, WsLog, BACKEND_PORT, STARTUP,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
@@ -26,6 +30,7 @@ use tokio::time::Instant;
 /// tick, and hosts run one after another within a tick.
 const TICKS: Duration = Duration::from_millis(3);
 
+/// One simulated millisecond, turmoil's tick.
 const MS: Duration = Duration::from_millis(1);
 
 /// How one client connection went.
@@ -702,6 +707,293 @@ fn backend_cut_off_from_the_proxy_alone_is_caught_by_the_active_check_and_back_o
             slow.len(),
             back - release_at
         );
+        Ok(())
+    });
+}
+
+/// How long the WebSocket proxy waits for a backend's answer to an upgrade.
+const UPGRADE_TIMEOUT: Duration = Duration::from_millis(300);
+
+/// What one WebSocket client saw.
+#[derive(Debug, Clone)]
+struct WsOutcome {
+    start: Duration,
+    took: Duration,
+    /// The response's status, or what went wrong.
+    status: Result<u16, String>,
+}
+
+/// One WebSocket client: upgrades through the proxy; on a 101 sends one masked message,
+/// checks it comes back through the echoing backend and closes; on a refusal reads it and
+/// closes. `took` runs until the response head arrived.
+async fn ws_client(i: u64) -> WsOutcome {
+    let start = sim_time();
+    let status = async {
+        let mut s = connect_proxy().await.map_err(|e| format!("connect: {e}"))?;
+        let head = ws_upgrade(&mut s, &[])
+            .await
+            .map_err(|e| format!("upgrade: {e}"))?;
+        let status = status_code(&head.bytes).ok_or("no status in the response")?;
+        let answered = sim_time();
+        if status == 101 {
+            let message = ws_frame(2, &pattern(i, 0, 100), Some([1, 2, 3, 4]));
+            s.write_all(&message)
+                .await
+                .map_err(|e| format!("write: {e}"))?;
+            let mut got = head.rest;
+            let deadline = Instant::now() + Duration::from_secs(1);
+            let end = read_until(&mut s, &mut got, Some(message.len()), deadline).await;
+            if end.is_some() || got != message {
+                return Err(format!("the echo came back as {got:?}, then {end:?}"));
+            }
+        }
+        s.shutdown().await.map_err(|e| format!("shutdown: {e}"))?;
+        let mut rest = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(1);
+        match read_until(&mut s, &mut rest, None, deadline).await {
+            Some(End::Eof) => Ok((status, answered)),
+            end => Err(format!("after {status}: {end:?}, expected Eof")),
+        }
+    }
+    .await;
+    match status {
+        Ok((status, answered)) => WsOutcome {
+            start,
+            took: answered - start,
+            status: Ok(status),
+        },
+        Err(e) => WsOutcome {
+            start,
+            took: sim_time() - start,
+            status: Err(e),
+        },
+    }
+}
+
+#[test]
+fn websocket_backend_that_accepts_and_never_answers_gets_504s_until_max_fails_then_is_passed_over()
+{
+    run_seeds(test_name!(), |seed| {
+        let mut rng = Rng::new(seed);
+        let max_latency = rng.millis(1, 3);
+        let gap = rng.millis(10, 40);
+        let clients = 40;
+        let max_fails = 2;
+        let toml = format!(
+            r#"
+            [[ws_proxy]]
+            listen = "0.0.0.0:7000"
+            backends = ["hang:9000", "ok:9000"]
+            upgrade_timeout_ms = {}
+            max_fails = {max_fails}
+            fail_timeout_ms = 60000
+            "#,
+            UPGRADE_TIMEOUT.as_millis()
+        );
+        let section = Config::parse(&toml, "balance.toml")
+            .unwrap_or_else(|e| panic!("{e}"))
+            .ws_proxy
+            .remove(0);
+        let mut sim = turmoil::Builder::new()
+            .rng_seed(seed)
+            .max_message_latency(max_latency)
+            .simulation_duration(Duration::from_secs(60))
+            .build();
+        let (hang, ok) = (WsLog::default(), WsLog::default());
+        for (name, answer, log) in [
+            ("hang", WsAnswer::Silence, hang.clone()),
+            (
+                "ok",
+                WsAnswer::Upgrade {
+                    greeting: Vec::new(),
+                },
+                ok.clone(),
+            ),
+        ] {
+            sim.host(name, move || {
+                ws_backend(BACKEND_PORT, answer.clone(), log.clone())
+            });
+        }
+        sim.host("proxy", move || {
+            serve_ws_proxy(WsProxy::from_section(section.clone()))
+        });
+        let outcomes = Rc::new(RefCell::new(Vec::new()));
+        let seen = outcomes.clone();
+        sim.client("clients", async move {
+            let mut tasks = Vec::new();
+            for i in 0..clients {
+                tokio::time::sleep_until(Instant::now() + if i == 0 { STARTUP } else { gap }).await;
+                let seen = seen.clone();
+                tasks.push(tokio::task::spawn_local(async move {
+                    let outcome = ws_client(i).await;
+                    seen.borrow_mut().push(outcome);
+                }));
+            }
+            for t in tasks {
+                t.await?;
+            }
+            // Time for the proxy's last closes to reach the backends.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Ok(())
+        });
+        sim.run()?;
+
+        let mut outcomes = outcomes.borrow().clone();
+        outcomes.sort_by_key(|o| o.start);
+        let quick = 4 * max_latency + 2 * TICKS;
+        let late = UPGRADE_TIMEOUT + 2 * max_latency + TICKS;
+        for o in &outcomes {
+            match o.status {
+                Ok(101) if o.took <= quick => {}
+                Ok(504) if o.took >= UPGRADE_TIMEOUT && o.took <= late => {}
+                _ => {
+                    return Err(format!(
+                        "a client started at {:?} got {:?} after {:?}; expected 101 within \
+                         {quick:?} or 504 at the upgrade timeout",
+                        o.start, o.status, o.took
+                    )
+                    .into())
+                }
+            }
+        }
+        // The proxy ejects `hang` at its max_fails-th upgrade timeout; every client that
+        // arrives after that goes straight to `ok`.
+        let timeouts: Vec<&WsOutcome> = outcomes.iter().filter(|o| o.status == Ok(504)).collect();
+        let ejected = timeouts
+            .get(max_fails - 1)
+            .map(|o| o.start + o.took)
+            .ok_or("fewer upgrade timeouts than max_fails")?;
+        if let Some(o) = timeouts.iter().find(|o| o.start >= ejected) {
+            return Err(format!(
+                "a client that arrived at {:?}, after `hang` was ejected at {ejected:?}, got 504",
+                o.start
+            )
+            .into());
+        }
+        let after = outcomes.iter().filter(|o| o.start > ejected).count();
+        if after < 5 {
+            return Err(format!("only {after} clients came after the ejection").into());
+        }
+        // Every 504 was one connection `hang` accepted, read the upgrade on, and saw closed.
+        let hang = hang.borrow();
+        if hang.len() != timeouts.len() || hang.iter().any(|c| c.head.is_empty()) {
+            return Err(format!(
+                "`hang` accepted {} connections for {} timeouts",
+                hang.len(),
+                timeouts.len()
+            )
+            .into());
+        }
+        if let Some(c) = hang
+            .iter()
+            .find(|c| !matches!(c.ended, Some((_, End::Eof))))
+        {
+            return Err(format!("a connection to `hang` did not end in a FIN: {c:?}").into());
+        }
+        eprintln!(
+            "seed {seed}: clients every {gap:?}: {} got 504 at {:?}..{:?}, `hang` ejected at \
+             {ejected:?}, then {after} clients got 101 within {:?}",
+            timeouts.len(),
+            timeouts.iter().map(|o| o.took).min().unwrap_or_default(),
+            timeouts.iter().map(|o| o.took).max().unwrap_or_default(),
+            outcomes
+                .iter()
+                .filter(|o| o.start > ejected)
+                .map(|o| o.took)
+                .max()
+                .unwrap_or_default()
+        );
+        Ok(())
+    });
+}
+
+/// The connections of the share scenarios.
+const SHARE_CONNECTIONS: u64 = 10_000;
+
+/// The weights of the share scenarios.
+const WEIGHTS: [u32; 3] = [5, 3, 2];
+
+/// Opens [`SHARE_CONNECTIONS`] short connections through a proxy over three backends weighted
+/// [`WEIGHTS`] with `balance`, several arriving every millisecond, and returns how many each
+/// backend got.
+fn weighted_shares(seed: u64, balance: &str) -> Result<Vec<usize>, String> {
+    let toml = format!(
+        r#"
+        [[tcp_proxy]]
+        listen = "0.0.0.0:7000"
+        balance = "{balance}"
+        backends = [
+          {{ address = "b1:9000", weight = {} }},
+          {{ address = "b2:9000", weight = {} }},
+          {{ address = "b3:9000", weight = {} }},
+        ]
+        "#,
+        WEIGHTS[0], WEIGHTS[1], WEIGHTS[2]
+    );
+    let (mut sim, logs) = world(
+        seed,
+        &toml,
+        &["b1", "b2", "b3"],
+        MS,
+        Duration::from_secs(60),
+    );
+    let outcomes = Outcomes::default();
+    // About 8 connections a millisecond, each a few milliseconds long: a few dozen open at
+    // once, so least_connections sees real, changing loads.
+    let load = Load {
+        per_ms: (4, 12),
+        until: Duration::MAX,
+        max: SHARE_CONNECTIONS,
+        len: 64,
+        pieces: 1,
+        pace: Duration::ZERO,
+        limit: Duration::from_secs(1),
+    };
+    sim.client("clients", generate(load, seed, outcomes.clone()));
+    sim.run().map_err(|e| e.to_string())?;
+    let outcomes = outcomes.borrow();
+    if let Some(o) = outcomes.iter().find(|o| o.result.is_err()) {
+        return Err(format!("connection {} failed: {:?}", o.id, o.result));
+    }
+    let counts = counts(&logs, Duration::ZERO, Duration::MAX);
+    let total: usize = counts.iter().sum();
+    if outcomes.len() as u64 != SHARE_CONNECTIONS || total as u64 != SHARE_CONNECTIONS {
+        return Err(format!(
+            "{} connections ended, the backends got {total}; expected {SHARE_CONNECTIONS}",
+            outcomes.len()
+        ));
+    }
+    shares_within(balance, &counts, &WEIGHTS, 0.02)?;
+    let open = outcomes.iter().map(|o| o.took).max().unwrap_or_default();
+    eprintln!(
+        "seed {seed}: {balance} over weights {WEIGHTS:?}: {counts:?} of {total} (longest \
+         connection {open:?}, {:?} simulated)",
+        outcomes.iter().map(Outcome::end).max().unwrap_or_default()
+    );
+    Ok(counts)
+}
+
+#[test]
+fn round_robin_splits_ten_thousand_connections_exactly_by_weight() {
+    run_seeds(test_name!(), |seed| {
+        let counts = weighted_shares(seed, "round_robin")?;
+        // Smooth weighted round robin gives every backend exactly its share of each 10 picks.
+        let total: u32 = WEIGHTS.iter().sum();
+        let exact: Vec<usize> = WEIGHTS
+            .iter()
+            .map(|&w| (SHARE_CONNECTIONS * u64::from(w) / u64::from(total)) as usize)
+            .collect();
+        if counts != exact {
+            return Err(format!("round robin gave {counts:?}, expected exactly {exact:?}").into());
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn least_connections_splits_ten_thousand_short_connections_within_two_percent_of_the_weights() {
+    run_seeds(test_name!(), |seed| {
+        weighted_shares(seed, "least_connections")?;
         Ok(())
     });
 }
