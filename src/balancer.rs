@@ -601,7 +601,7 @@ impl Lease {
     /// The backend failed the connection (refused, timed out, or broke the upgrade) at `now`.
     pub fn failed(&mut self, now: Instant) {
         self.settled = true;
-        if let Some(Flip::Down(lasts)) = self.backend.passive.failure(now) {
+        if let Some(Flip::Down(lasts)) = self.backend.passive.failure(now, self.trial) {
             warn!(
                 "backend down pool={} backend={} for_ms={} (consecutive connect failures)",
                 self.pool,

@@ -130,16 +130,17 @@ impl Passive {
         was_ejected.then_some(Flip::Up)
     }
 
-    /// Records a connect failure or timeout at `now`.
-    pub fn failure(&self, now: Instant) -> Option<Flip> {
+    /// Records a connect failure or timeout at `now`; `trial` says whether it was the trial
+    /// connection (a failure of a connection that started before the ejection must not be
+    /// taken for the trial's verdict).
+    pub fn failure(&self, now: Instant, trial: bool) -> Option<Flip> {
         let mut s = self.state();
-        s.fails = s.fails.saturating_add(1);
-        let failed_trial = s.trial;
-        if s.until.is_some() && !failed_trial {
-            // Already ejected (a connection that started before the ejection): nothing new.
+        if s.until.is_some() && !(trial && s.trial) {
+            // Already ejected, and this is not the trial: nothing new to learn.
             return None;
         }
-        if !failed_trial && s.fails < self.config.max_fails {
+        s.fails = s.fails.saturating_add(1);
+        if !trial && s.fails < self.config.max_fails {
             return None;
         }
         let factor = 1u32
@@ -359,26 +360,26 @@ mod tests {
             max_fails: 3,
             fail_timeout: 100 * MS,
         });
-        assert_eq!(p.failure(t0), None);
-        assert_eq!(p.failure(t0), None);
+        assert_eq!(p.failure(t0, false), None);
+        assert_eq!(p.failure(t0, false), None);
         assert_eq!(p.availability(t0), Availability::Healthy);
-        assert_eq!(p.failure(t0), Some(Flip::Down(100 * MS)));
+        assert_eq!(p.failure(t0, false), Some(Flip::Down(100 * MS)));
         assert_eq!(p.availability(t0 + 99 * MS), Availability::Ejected);
         assert_eq!(p.availability(t0 + 100 * MS), Availability::TrialDue);
         assert!(p.claim_trial(t0 + 100 * MS));
         assert!(!p.claim_trial(t0 + 100 * MS), "only one trial");
         assert_eq!(p.availability(t0 + 100 * MS), Availability::Ejected);
         // The trial fails: ejected again, for twice as long.
-        assert_eq!(p.failure(t0 + 100 * MS), Some(Flip::Down(200 * MS)));
+        assert_eq!(p.failure(t0 + 100 * MS, true), Some(Flip::Down(200 * MS)));
         assert_eq!(p.availability(t0 + 299 * MS), Availability::Ejected);
         assert!(p.claim_trial(t0 + 300 * MS));
         assert_eq!(p.success(), Some(Flip::Up));
         assert_eq!(p.availability(t0 + 300 * MS), Availability::Healthy);
         // Recovered: the next ejection starts from the base time again.
         for _ in 0..2 {
-            assert_eq!(p.failure(t0), None);
+            assert_eq!(p.failure(t0, false), None);
         }
-        assert_eq!(p.failure(t0 + 400 * MS), Some(Flip::Down(100 * MS)));
+        assert_eq!(p.failure(t0 + 400 * MS, false), Some(Flip::Down(100 * MS)));
     }
 
     #[test]
@@ -388,16 +389,16 @@ mod tests {
             max_fails: 2,
             fail_timeout: 10 * MS,
         });
-        assert_eq!(p.failure(t0), None);
+        assert_eq!(p.failure(t0, false), None);
         assert_eq!(p.success(), None);
-        assert_eq!(p.failure(t0), None);
+        assert_eq!(p.failure(t0, false), None);
         let mut now = t0;
         let mut lasted = Vec::new();
-        assert!(matches!(p.failure(now), Some(Flip::Down(_))));
+        assert!(matches!(p.failure(now, false), Some(Flip::Down(_))));
         for _ in 0..8 {
             now += Duration::from_secs(10);
             assert!(p.claim_trial(now));
-            match p.failure(now) {
+            match p.failure(now, true) {
                 Some(Flip::Down(d)) => lasted.push(d.as_millis()),
                 other => panic!("{other:?}"),
             }
@@ -412,9 +413,23 @@ mod tests {
             max_fails: 1,
             fail_timeout: 100 * MS,
         });
-        assert_eq!(p.failure(t0), Some(Flip::Down(100 * MS)));
-        assert_eq!(p.failure(t0 + MS), None);
+        assert_eq!(p.failure(t0, false), Some(Flip::Down(100 * MS)));
+        assert_eq!(p.failure(t0 + MS, false), None);
         assert_eq!(p.availability(t0 + 100 * MS), Availability::TrialDue);
+    }
+
+    #[test]
+    fn only_the_trial_decides_while_it_is_under_way() {
+        let t0 = Instant::now();
+        let p = Passive::new(PassiveConfig {
+            max_fails: 1,
+            fail_timeout: 100 * MS,
+        });
+        p.failure(t0, false);
+        assert!(p.claim_trial(t0 + 100 * MS));
+        // A connection from before the ejection times out now: not the trial's verdict.
+        assert_eq!(p.failure(t0 + 150 * MS, false), None);
+        assert_eq!(p.success(), Some(Flip::Up));
     }
 
     #[test]
@@ -424,7 +439,7 @@ mod tests {
             max_fails: 1,
             fail_timeout: MS,
         });
-        p.failure(t0);
+        p.failure(t0, false);
         assert!(p.claim_trial(t0 + MS));
         p.release_trial();
         assert!(p.claim_trial(t0 + MS));

@@ -457,9 +457,13 @@ impl Flow {
             let answer = match answer {
                 Ok(h) => h,
                 Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                    // As nginx's default (proxy_next_upstream error timeout): nothing has
+                    // reached the client yet, so the next backend may still serve it; 504 when
+                    // this was the last one.
                     warn!("ws name={} client={peer} backend {backend} did not answer the upgrade in time", self.name);
                     lease.failed(net.now());
-                    return Err(Ended::Refused(Refusal::GatewayTimeout));
+                    last = Ended::Refused(Refusal::GatewayTimeout);
+                    continue;
                 }
                 Err(e) => {
                     // The backend went away (or sent garbage) before answering: nothing has
