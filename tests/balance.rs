@@ -470,3 +470,96 @@ fn a_backend_named_by_host_is_resolved_and_every_address_that_answers_serves() {
     }
     assert_eq!(backend.accepted(), 20);
 }
+
+/// A WebSocket backend that completes every upgrade by hand and counts them.
+fn upgrading_backend() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = Arc::new(AtomicUsize::new(0));
+    let c = count.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().map_while(Result::ok) {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                let mut s = stream;
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && s.read_exact(&mut byte).is_ok() {
+                    head.push(byte[0]);
+                }
+                let text = String::from_utf8_lossy(&head).to_string();
+                let key = text
+                    .lines()
+                    .find_map(|l| {
+                        l.strip_prefix("sec-websocket-key: ")
+                            .or_else(|| l.strip_prefix("Sec-WebSocket-Key: "))
+                    })
+                    .unwrap_or("")
+                    .trim()
+                    .to_string();
+                c.fetch_add(1, Ordering::SeqCst);
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                     Sec-WebSocket-Accept: {}\r\n\r\n",
+                    portcullis::handshake::accept_key(&key)
+                );
+            });
+        }
+    });
+    (addr, count)
+}
+
+#[test]
+fn websocket_hash_keys_keep_a_room_a_cookie_or_a_header_on_one_backend() {
+    type Request = fn(&str) -> String;
+    let cases: [(&str, Request); 3] = [
+        ("query:room", |v| {
+            format!("GET /chat?user=x&room={v} HTTP/1.1\r\nHost: x\r\n")
+        }),
+        ("cookie:session", |v| {
+            format!("GET / HTTP/1.1\r\nHost: x\r\nCookie: theme=dark; session={v}\r\n")
+        }),
+        ("header:x-tenant", |v| {
+            format!("GET / HTTP/1.1\r\nHost: x\r\nX-Tenant: {v}\r\n")
+        }),
+    ];
+    for (key, request) in cases {
+        let (b1, n1) = upgrading_backend();
+        let (b2, n2) = upgrading_backend();
+        let proxy = serve_ws(&format!(
+            "[[ws_proxy]]\nlisten = \"127.0.0.1:0\"\nbalance = \"hash\"\nhash_key = \"{key}\"\n\
+             backends = [\"{b1}\", \"{b2}\"]\n"
+        ));
+        let upgrade = |value: &str| {
+            request(value)
+                + "Upgrade: websocket\r\nConnection: Upgrade\r\n\
+                   Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        };
+        // One value, many connections (from one client IP): always the same backend.
+        for _ in 0..10 {
+            assert_eq!(status_of(proxy, &upgrade("alpha")), 101, "{key}");
+        }
+        let (a1, a2) = (n1.load(Ordering::SeqCst), n2.load(Ordering::SeqCst));
+        assert!(
+            (a1, a2) == (10, 0) || (a1, a2) == (0, 10),
+            "{key}: one value, one backend: {a1}/{a2}"
+        );
+        // Many values from the same client IP: both backends get some.
+        for i in 0..40 {
+            assert_eq!(
+                status_of(proxy, &upgrade(&format!("value-{i}"))),
+                101,
+                "{key}"
+            );
+        }
+        let (b1n, b2n) = (
+            n1.load(Ordering::SeqCst) - a1,
+            n2.load(Ordering::SeqCst) - a2,
+        );
+        assert!(
+            b1n >= 8 && b2n >= 8,
+            "{key}: the key, not the IP, decides: {b1n}/{b2n}"
+        );
+    }
+}
