@@ -456,28 +456,28 @@ impl Pool {
         }
     }
 
-    fn eligible(&self, i: usize, backup: bool, skip: &[bool], now: Instant) -> bool {
+    fn eligible(&self, i: usize, tier: Tier, skip: &[bool], now: Instant) -> bool {
         let b = &self.backends[i];
-        !skip[i] && b.backup == backup && b.is_healthy(now) && b.has_room()
+        !skip[i]
+            && b.has_room()
+            && match tier {
+                Tier::Primary => !b.backup && b.is_healthy(now),
+                Tier::Backup => b.backup && b.is_healthy(now),
+                Tier::Panic => b.checks.is_up(),
+            }
     }
 
     /// The first eligible backend after `last` in list order, wrapping around.
-    fn after(&self, last: usize, backup: bool, skip: &[bool], now: Instant) -> Option<usize> {
+    fn after(&self, last: usize, tier: Tier, skip: &[bool], now: Instant) -> Option<usize> {
         let n = self.backends.len();
         (1..=n)
             .map(|k| (last + k) % n)
-            .find(|&i| self.eligible(i, backup, skip, now))
+            .find(|&i| self.eligible(i, tier, skip, now))
     }
 
-    /// One pick among backends in the tier (`backup` or not) that pass `skip`.
-    fn pick_in(
-        &self,
-        backup: bool,
-        key: Option<u64>,
-        skip: &[bool],
-        now: Instant,
-    ) -> Option<usize> {
-        let eligible = |i: usize| self.eligible(i, backup, skip, now);
+    /// One pick among backends of `tier` that pass `skip`.
+    fn pick_in(&self, tier: Tier, key: Option<u64>, skip: &[bool], now: Instant) -> Option<usize> {
+        let eligible = |i: usize| self.eligible(i, tier, skip, now);
         let active = |i: usize| self.backends[i].active_connections();
         match self.balance {
             Balance::RoundRobin => self.round_robin.next(eligible),
@@ -492,6 +492,20 @@ impl Pool {
             }
         }
     }
+}
+
+/// Which backends a pick considers, in the order they are tried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tier {
+    /// Healthy primaries.
+    Primary,
+    /// Healthy backups, when no primary can take the connection.
+    Backup,
+    /// Every backend whose active checks pass, ejected or not: when passive health has
+    /// ejected them all, refusing every client until an ejection ends would turn a blip into
+    /// an outage (as Envoy's panic threshold and nginx's single-server rule avoid), so the
+    /// connection tries them anyway and a success brings the backend straight back.
+    Panic,
 }
 
 /// The attempts of one connection: see [`Pool::attempts`].
@@ -520,16 +534,13 @@ impl Attempts<'_> {
             // The policy makes the first pick; a failover goes to the next eligible backend in
             // list order, so retries neither disturb the policy's shares nor pile onto one
             // backend.
-            let i = match self.last {
-                None => self
-                    .pool
-                    .pick_in(false, self.key, &self.tried, now)
-                    .or_else(|| self.pool.pick_in(true, self.key, &self.tried, now))?,
-                Some(last) => self
-                    .pool
-                    .after(last, false, &self.tried, now)
-                    .or_else(|| self.pool.after(last, true, &self.tried, now))?,
+            let pick = |tier| match self.last {
+                None => self.pool.pick_in(tier, self.key, &self.tried, now),
+                Some(last) => self.pool.after(last, tier, &self.tried, now),
             };
+            let (i, tier) = [Tier::Primary, Tier::Backup, Tier::Panic]
+                .into_iter()
+                .find_map(|tier| pick(tier).map(|i| (i, tier)))?;
             self.last = Some(i);
             // Whatever happens next, this connection does not come back to this backend.
             self.tried[i] = true;
@@ -537,6 +548,8 @@ impl Attempts<'_> {
             let trial = match backend.passive.availability(now) {
                 Availability::Healthy => false,
                 Availability::TrialDue if backend.passive.claim_trial(now) => true,
+                // Every backend is ejected: try this one anyway (its result still counts).
+                _ if tier == Tier::Panic => false,
                 _ => continue,
             };
             let before = backend.active.fetch_add(1, Ordering::Relaxed);
@@ -719,7 +732,8 @@ mod tests {
         assert_eq!(order(&p, now), ["primary:1", "backup:1"]);
         // The primary fails once and is ejected: the backup takes over...
         p.attempts(None, RETRY, now).next(now).unwrap().failed(now);
-        assert_eq!(order(&p, now), ["backup:1"]);
+        // (the ejected primary stays a last resort, should the backup fail too)...
+        assert_eq!(order(&p, now), ["backup:1", "primary:1"]);
         // ...and gives back when the primary's trial succeeds.
         let later = now + Duration::from_secs(10);
         p.attempts(None, RETRY, later)
@@ -727,6 +741,37 @@ mod tests {
             .unwrap()
             .succeeded();
         assert_eq!(order(&p, later), ["primary:1", "backup:1"]);
+    }
+
+    #[test]
+    fn when_every_backend_is_ejected_they_are_tried_anyway_and_a_success_brings_one_back() {
+        let passive = PassiveConfig {
+            max_fails: 1,
+            fail_timeout: Duration::from_secs(60),
+        };
+        let p = Pool::new(vec![
+            Backend::new("a:1").passive(passive),
+            Backend::new("b:1").passive(passive),
+        ]);
+        let now = Instant::now();
+        let mut attempts = p.attempts(None, RETRY, now);
+        while let Some(mut lease) = attempts.next(now) {
+            lease.failed(now);
+        }
+        assert!(p.backends().iter().all(|b| !b.is_healthy(now)));
+        let mut lease = p
+            .attempts(None, RETRY, now)
+            .next(now)
+            .expect("tried anyway");
+        let name = lease.backend().addr().to_string();
+        lease.succeeded();
+        drop(lease);
+        let back: Vec<bool> = p.backends().iter().map(|b| b.is_healthy(now)).collect();
+        assert_eq!(
+            back.iter().filter(|&&h| h).count(),
+            1,
+            "{name} is back: {back:?}"
+        );
     }
 
     #[test]

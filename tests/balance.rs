@@ -254,7 +254,27 @@ fn a_backend_at_max_connections_is_skipped() {
 }
 
 #[test]
-fn a_websocket_client_gets_503_when_every_backend_is_ejected() {
+fn a_websocket_client_gets_503_when_no_backend_can_take_it() {
+    // A backend that accepts and never answers, capped at one connection: the first client
+    // holds the only place while its upgrade is pending, so the second finds nothing eligible.
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let held: Vec<TcpStream> = silent.incoming().map_while(Result::ok).collect();
+        drop(held);
+    });
+    let proxy = serve_ws(&format!(
+        "[[ws_proxy]]\nlisten = \"127.0.0.1:0\"\nupgrade_timeout_ms = 3000\n\
+         backends = [{{ address = \"{addr}\", max_connections = 1 }}]\n"
+    ));
+    let mut first = connect(proxy);
+    first.write_all(UPGRADE.as_bytes()).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(status_of(proxy, UPGRADE), 503, "the only backend is full");
+}
+
+#[test]
+fn an_ejected_only_backend_is_still_tried_rather_than_refusing_everyone() {
     let dead = Refused::new();
     let proxy = serve_ws(&format!(
         "[[ws_proxy]]\nlisten = \"127.0.0.1:0\"\nmax_fails = 1\nfail_timeout_ms = 60000\nbackends = [\"{}\"]\n",
@@ -263,8 +283,8 @@ fn a_websocket_client_gets_503_when_every_backend_is_ejected() {
     assert_eq!(status_of(proxy, UPGRADE), 502, "the connect is refused");
     assert_eq!(
         status_of(proxy, UPGRADE),
-        503,
-        "now ejected: nothing is eligible"
+        502,
+        "ejected, but the only one: tried anyway"
     );
 }
 
