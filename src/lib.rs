@@ -29,6 +29,8 @@
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
 mod log;
+#[cfg(test)]
+mod testio;
 
 pub mod balancer;
 pub mod config;

@@ -593,6 +593,7 @@ mod tests {
     use futures_lite::io::Cursor;
 
     use super::*;
+    use crate::testio::Trickle;
 
     /// What one byte string should parse to.
     #[derive(Debug, Clone, Copy)]
@@ -1051,45 +1052,6 @@ mod tests {
             ReadError::Header(TooLong).to_string(),
             "PROXY protocol header longer than the limit"
         );
-    }
-
-    /// Hands out one byte per read, and says "not yet" before each one, so every byte arrives in
-    /// its own poll as from a peer that sends one byte per segment. Counts what it handed out.
-    struct Trickle {
-        data: Vec<u8>,
-        at: usize,
-        ready: bool,
-    }
-
-    impl Trickle {
-        fn new(data: &[u8]) -> Self {
-            Trickle {
-                data: data.to_vec(),
-                at: 0,
-                ready: false,
-            }
-        }
-    }
-
-    impl AsyncRead for Trickle {
-        fn poll_read(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &mut [u8],
-        ) -> Poll<io::Result<usize>> {
-            if !self.ready {
-                self.ready = true;
-                cx.waker().wake_by_ref();
-                return Poll::Pending;
-            }
-            self.ready = false;
-            let Some(&byte) = self.data.get(self.at) else {
-                return Poll::Ready(Ok(0));
-            };
-            buf[0] = byte;
-            self.at += 1;
-            Poll::Ready(Ok(1))
-        }
     }
 
     /// `prefix`, then `fill` forever, as fast as asked; counts the bytes handed out.

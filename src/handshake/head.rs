@@ -147,45 +147,7 @@ mod tests {
     use futures_lite::io::Cursor;
 
     use super::*;
-
-    /// Hands out one byte per read, and says "not yet" before each one, so every byte arrives in
-    /// its own poll as from a peer that sends one byte per segment.
-    struct Trickle {
-        data: Vec<u8>,
-        at: usize,
-        ready: bool,
-    }
-
-    impl Trickle {
-        fn new(data: &[u8]) -> Self {
-            Trickle {
-                data: data.to_vec(),
-                at: 0,
-                ready: false,
-            }
-        }
-    }
-
-    impl AsyncRead for Trickle {
-        fn poll_read(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &mut [u8],
-        ) -> Poll<io::Result<usize>> {
-            if !self.ready {
-                self.ready = true;
-                cx.waker().wake_by_ref();
-                return Poll::Pending;
-            }
-            self.ready = false;
-            let Some(&byte) = self.data.get(self.at) else {
-                return Poll::Ready(Ok(0));
-            };
-            buf[0] = byte;
-            self.at += 1;
-            Poll::Ready(Ok(1))
-        }
-    }
+    use crate::testio::Trickle;
 
     /// Fails once with `Interrupted`, then reads from the inner cursor.
     struct InterruptedOnce(bool, Cursor<Vec<u8>>);
