@@ -61,6 +61,9 @@ pub struct Config {
     pub tcp_proxy: Vec<TcpSection>,
     /// The `[[ws_proxy]]` sections, in file order.
     pub ws_proxy: Vec<WsSection>,
+    /// On shutdown, how long established connections may go on before they are closed
+    /// (`drain_timeout_ms`, top level).
+    pub drain_timeout_ms: u64,
 }
 
 /// One backend of a section or route: `"host:port"`, or a table with `address` and options.
@@ -267,6 +270,11 @@ impl Config {
 impl fmt::Display for Config {
     /// What would run, one line per listener.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "on shutdown: drain for up to {} ms",
+            self.drain_timeout_ms
+        )?;
         for s in &self.tcp_proxy {
             writeln!(
                 f,
@@ -375,6 +383,7 @@ mod raw {
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     pub(super) struct File {
+        pub drain_timeout_ms: Option<Spanned<u64>>,
         #[serde(default)]
         pub tcp_proxy: Vec<Spanned<TcpSection>>,
         #[serde(default)]
@@ -690,6 +699,11 @@ impl Source<'_> {
         let mut config = Config {
             tcp_proxy: Vec::new(),
             ws_proxy: Vec::new(),
+            // 0 is allowed: close every connection at once on shutdown.
+            drain_timeout_ms: raw
+                .drain_timeout_ms
+                .as_ref()
+                .map_or(crate::tcp::DEFAULT_DRAIN_TIMEOUT_MS, |v| *v.get_ref()),
         };
         for (i, section) in raw.tcp_proxy.into_iter().enumerate() {
             let span = section.span();

@@ -120,7 +120,7 @@ fn main() -> ExitCode {
             name,
             "give --config FILE, or a subcommand: check, tcp, demo",
         ),
-        (None, Some(file)) => Config::load(&file).and_then(portcullis::run),
+        (None, Some(file)) => Config::load(&file).and_then(|c| portcullis::run_until(c, signals())),
         (Some(Command::Check(c)), None) => check(&c.config),
         (Some(Command::Tcp(t)), None) => tcp(t),
         (Some(Command::Ws(w)), None) => ws(w),
@@ -190,7 +190,28 @@ fn run_flags(toml: &str) -> Result<(), Error> {
                 .replace("field `read_timeout_ms`", "--read-timeout-ms"),
         )
     })?;
-    portcullis::run(config)
+    portcullis::run_until(config, signals())
+}
+
+/// Completes at the first SIGTERM or SIGINT, after which the proxy drains; a second one ends
+/// the process at once, for an operator who cannot wait.
+async fn signals() {
+    use async_signal::{Signal, Signals};
+    use futures_lite::StreamExt;
+    let Ok(mut signals) = Signals::new([Signal::Term, Signal::Int]) else {
+        eprintln!("warning: cannot handle SIGTERM/SIGINT; they will end the process at once");
+        return futures_lite::future::pending().await;
+    };
+    let name = match signals.next().await {
+        Some(Ok(Signal::Int)) => "SIGINT",
+        _ => "SIGTERM",
+    };
+    eprintln!("received {name}: draining; send it again to exit at once");
+    std::thread::spawn(move || {
+        smol::block_on(signals.next());
+        eprintln!("second signal: exiting now");
+        std::process::exit(130);
+    });
 }
 
 fn demo(listen: &str) -> Result<(), Error> {

@@ -181,10 +181,22 @@ pub(crate) fn log_listening(
     );
 }
 
-/// Runs every section of `config` until the process ends: binds every listener first, so a
-/// busy address fails start-up as a whole (naming the address), then serves them all on one
-/// executor spread over the machine's cores.
+/// Runs every section of `config` until the process ends: see [`run_until`].
 pub fn run(config: crate::Config) -> Result<(), Error> {
+    run_until(config, future::pending())
+}
+
+/// Runs every section of `config` until `shutdown` completes, then stops accepting on every
+/// listener at once, lets established connections finish for up to the config's
+/// `drain_timeout_ms`, closes what remains and returns.
+///
+/// Every listener is bound first, so a busy address fails start-up as a whole (naming the
+/// address); then all are served on one executor spread over the machine's cores.
+pub fn run_until(
+    config: crate::Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let drain = config.drain_timeout_ms;
     block_on(|net| async move {
         let mut tcp = Vec::new();
         for section in config.tcp_proxy {
@@ -194,28 +206,35 @@ pub fn run(config: crate::Config) -> Result<(), Error> {
         for section in config.ws_proxy {
             ws.push((bind(&net, &section.listen).await?, section));
         }
+        // Dropping `stop` tells every listener to shut down.
+        let (stop, stopped) = async_channel::bounded::<()>(1);
+        let signal = |stopped: async_channel::Receiver<()>| async move {
+            let _ = stopped.recv().await;
+        };
         // Each listener runs on its own task; the first to fail ends the process.
-        let (done, finished) = smol::channel::unbounded();
+        let (done, finished) = async_channel::unbounded();
         for (listener, s) in tcp {
-            let proxy = crate::TcpProxy::from_section(s);
-            let serve = proxy.serve_with(net.clone(), listener, future::pending());
+            let proxy = crate::TcpProxy::from_section(s).drain_timeout_ms(drain);
+            let serve = proxy.serve_with(net.clone(), listener, signal(stopped.clone()));
             let done = done.clone();
             net.spawn(async move {
                 let _ = done.send(serve.await).await;
             });
         }
         for (listener, s) in ws {
-            let serve = crate::WsProxy::from_section(s).serve_with(
-                net.clone(),
-                listener,
-                future::pending(),
-            );
+            let proxy = crate::WsProxy::from_section(s).drain_timeout_ms(drain);
+            let serve = proxy.serve_with(net.clone(), listener, signal(stopped.clone()));
             let done = done.clone();
             net.spawn(async move {
                 let _ = done.send(serve.await).await;
             });
         }
         drop(done);
+        net.spawn(async move {
+            shutdown.await;
+            info!("shutting down: no new connections, draining for up to {drain}ms");
+            drop(stop);
+        });
         while let Ok(result) = finished.recv().await {
             result?;
         }

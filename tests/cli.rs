@@ -2,7 +2,7 @@
 //! flags and from a config file carrying traffic on loopback.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -230,5 +230,105 @@ fn a_config_file_runs_every_section() {
     assert!(
         answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
         "{answer}"
+    );
+}
+
+fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success());
+}
+
+/// Waits up to `limit` for the process to exit; its status code, or None if it is still running.
+fn exit_within(child: &mut Child, limit: Duration) -> Option<i32> {
+    let start = std::time::Instant::now();
+    while start.elapsed() < limit {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status.code().unwrap_or(-1));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+#[test]
+fn sigterm_stops_accepting_lets_live_tunnels_finish_then_exits_zero() {
+    let backend = echo_backend();
+    let file = config_file(
+        "drain.toml",
+        &format!("drain_timeout_ms = 10000\n[[tcp_proxy]]\nlisten = \"127.0.0.1:0\"\nbackends = [\"{backend}\"]\n"),
+    );
+    let mut proxy = start(&["--config", file.to_str().unwrap()], 1);
+    let addr = proxy.addr("tcp-1");
+    let mut live = TcpStream::connect(addr).unwrap();
+    live.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    live.write_all(b"before").unwrap();
+    let mut got = [0u8; 6];
+    live.read_exact(&mut got).unwrap();
+
+    signal(&proxy.child, "TERM");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        TcpStream::connect(addr).is_err(),
+        "a new connection after SIGTERM is refused"
+    );
+    live.write_all(b"during").unwrap();
+    live.read_exact(&mut got).unwrap();
+    assert_eq!(
+        &got, b"during",
+        "the live tunnel still works while draining"
+    );
+    assert_eq!(
+        exit_within(&mut proxy.child, Duration::from_millis(300)),
+        None,
+        "it waits for the tunnel"
+    );
+
+    live.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    live.read_to_end(&mut rest).unwrap();
+    assert_eq!(
+        exit_within(&mut proxy.child, Duration::from_secs(5)),
+        Some(0),
+        "exit 0 once drained"
+    );
+}
+
+#[test]
+fn the_drain_deadline_closes_what_is_left_and_a_second_signal_exits_at_once() {
+    let backend = echo_backend();
+    let file = config_file(
+        "deadline.toml",
+        &format!("drain_timeout_ms = 300\n[[tcp_proxy]]\nlisten = \"127.0.0.1:0\"\nbackends = [\"{backend}\"]\n"),
+    );
+    let mut proxy = start(&["--config", file.to_str().unwrap()], 1);
+    let mut live = TcpStream::connect(proxy.addr("tcp-1")).unwrap();
+    live.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    live.write_all(b"x").unwrap();
+    let mut one = [0u8; 1];
+    live.read_exact(&mut one).unwrap();
+    signal(&proxy.child, "TERM");
+    assert_eq!(
+        exit_within(&mut proxy.child, Duration::from_secs(3)),
+        Some(0),
+        "exit 0 at the deadline"
+    );
+    assert!(
+        matches!(live.read(&mut one), Ok(0) | Err(_)),
+        "the leftover tunnel was closed"
+    );
+
+    let mut proxy = start(&["--config", file.to_str().unwrap()], 1);
+    let _live = TcpStream::connect(proxy.addr("tcp-1")).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    signal(&proxy.child, "INT");
+    std::thread::sleep(Duration::from_millis(50));
+    signal(&proxy.child, "INT");
+    assert_eq!(
+        exit_within(&mut proxy.child, Duration::from_millis(250)),
+        Some(130),
+        "a second signal exits at once"
     );
 }
