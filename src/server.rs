@@ -49,6 +49,102 @@ fn is_exhaustion(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(23 | 24 | 105 | 12)) || e.kind() == io::ErrorKind::OutOfMemory
 }
 
+/// The connections of one proxy (or of a whole process, across reloads): how many are open,
+/// and the signal that closes them all at a drain deadline.
+#[derive(Debug)]
+pub(crate) struct Tracker {
+    live: Arc<AtomicUsize>,
+    /// Dropping it at the drain deadline wakes every connection still open and ends it.
+    close: std::sync::Mutex<Option<async_channel::Sender<()>>>,
+    closing: async_channel::Receiver<()>,
+}
+
+impl Default for Tracker {
+    fn default() -> Self {
+        let (close, closing) = async_channel::bounded(1);
+        Tracker {
+            live: Arc::new(AtomicUsize::new(0)),
+            close: std::sync::Mutex::new(Some(close)),
+            closing,
+        }
+    }
+}
+
+impl Tracker {
+    /// Runs `conn` on its own task, counted until it ends and ended at the drain deadline.
+    fn spawn<N: Net>(&self, net: &N, conn: impl Future<Output = ()> + Send + 'static) {
+        let guard = LiveGuard::new(&self.live);
+        let closing = self.closing.clone();
+        net.spawn(async move {
+            future::or(conn, async {
+                let _ = closing.recv().await;
+            })
+            .await;
+            drop(guard);
+        });
+    }
+
+    /// Waits up to `drain` for every connection to end, then closes those still open.
+    /// Returns how many had to be closed.
+    pub(crate) async fn drain<N: Net>(&self, net: &N, drain: Duration) -> usize {
+        let idle = || async {
+            while self.live.load(Ordering::Relaxed) > 0 {
+                net.sleep(DRAIN_POLL).await;
+            }
+        };
+        future::or(idle(), net.sleep(drain)).await;
+        let left = self.live.load(Ordering::Relaxed);
+        if left > 0 {
+            warn!(
+                "drain deadline passed after {}ms, closing {left} open connection(s)",
+                drain.as_millis()
+            );
+            drop(self.close.lock().unwrap_or_else(|e| e.into_inner()).take());
+            idle().await;
+        }
+        left
+    }
+}
+
+/// Accepts connections on `listener` and runs `handle` for each on its own task (counted by
+/// `tracker`), until `stop` completes; then closes the listener, so new connections are
+/// refused at once rather than queued in its backlog. Established connections go on.
+pub(crate) async fn accept_until<N, H, F>(
+    net: &N,
+    listener: N::Listener,
+    stop: impl Future<Output = ()>,
+    tracker: &Tracker,
+    handle: H,
+) where
+    N: Net,
+    H: Fn(N::Stream, SocketAddr) -> F,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let mut stop = pin!(stop);
+    let mut backoff = ACCEPT_BACKOFF_MIN;
+    loop {
+        let accepted = future::or(async { Some(listener.accept().await) }, async {
+            (&mut stop).await;
+            None
+        })
+        .await;
+        match accepted {
+            None => break,
+            Some(Ok((stream, peer))) => {
+                backoff = ACCEPT_BACKOFF_MIN;
+                tracker.spawn(net, handle(stream, peer));
+            }
+            Some(Err(e)) if is_exhaustion(&e) => {
+                warn!("accept failed, retrying in {}ms: {e}", backoff.as_millis());
+                net.sleep(backoff).await;
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+            }
+            Some(Err(e)) => warn!("accept failed: {e}"),
+        }
+    }
+    drop(listener);
+}
+
 /// Accepts connections on `listener` and runs `handle` for each on its own task, until
 /// `shutdown` completes; then waits up to `drain` for live connections to end, and closes the
 /// ones still open after that.
@@ -66,59 +162,9 @@ where
     H: Fn(N::Stream, SocketAddr) -> F,
     F: Future<Output = ()> + Send + 'static,
 {
-    let live = Arc::new(AtomicUsize::new(0));
-    // Dropping `close` at the drain deadline wakes every connection still open and ends it.
-    let (close, closing) = async_channel::bounded::<()>(1);
-    let mut shutdown = pin!(shutdown);
-    let mut backoff = ACCEPT_BACKOFF_MIN;
-    loop {
-        let accepted = future::or(async { Some(listener.accept().await) }, async {
-            (&mut shutdown).await;
-            None
-        })
-        .await;
-        match accepted {
-            None => break,
-            Some(Ok((stream, peer))) => {
-                backoff = ACCEPT_BACKOFF_MIN;
-                let guard = LiveGuard::new(&live);
-                let conn = handle(stream, peer);
-                let closing = closing.clone();
-                net.spawn(async move {
-                    future::or(conn, async {
-                        let _ = closing.recv().await;
-                    })
-                    .await;
-                    drop(guard);
-                });
-            }
-            Some(Err(e)) if is_exhaustion(&e) => {
-                warn!("accept failed, retrying in {}ms: {e}", backoff.as_millis());
-                net.sleep(backoff).await;
-                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
-            }
-            Some(Err(e)) => warn!("accept failed: {e}"),
-        }
-    }
-    // Stop accepting for real: a closed listener refuses new connections at once, where an open
-    // one would let them queue in its backlog for the whole drain and then reset them.
-    drop(listener);
-    let idle = || async {
-        while live.load(Ordering::Relaxed) > 0 {
-            net.sleep(DRAIN_POLL).await;
-        }
-    };
-    future::or(idle(), net.sleep(drain)).await;
-    let left = live.load(Ordering::Relaxed);
-    if left > 0 {
-        warn!(
-            "drain deadline passed after {}ms, closing {left} open connection(s)",
-            drain.as_millis()
-        );
-        drop(close);
-        idle().await;
-    }
-    left
+    let tracker = Tracker::default();
+    accept_until(net, listener, shutdown, &tracker, handle).await;
+    tracker.drain(net, drain).await
 }
 
 /// Binds `addr` on `net`, naming the address in the error.
