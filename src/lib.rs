@@ -51,6 +51,6 @@ pub use config::Config;
 pub use error::Error;
 pub use net::{Listener, Net, SmolListener, SmolNet};
 pub use relay::{Relay, Report, Side};
-pub use server::{run, run_until};
+pub use server::{run, run_reloading, run_until};
 pub use tcp::TcpProxy;
 pub use ws::WsProxy;

@@ -120,7 +120,9 @@ fn main() -> ExitCode {
             name,
             "give --config FILE, or a subcommand: check, tcp, demo",
         ),
-        (None, Some(file)) => Config::load(&file).and_then(|c| portcullis::run_until(c, signals())),
+        (None, Some(file)) => Config::load(&file).and_then(|c| {
+            portcullis::run_reloading(c, move || Config::load(&file), hangups(), signals())
+        }),
         (Some(Command::Check(c)), None) => check(&c.config),
         (Some(Command::Tcp(t)), None) => tcp(t),
         (Some(Command::Ws(w)), None) => ws(w),
@@ -191,6 +193,28 @@ fn run_flags(toml: &str) -> Result<(), Error> {
         )
     })?;
     portcullis::run_until(config, signals())
+}
+
+/// A message for every SIGHUP: each one reloads the config file.
+fn hangups() -> async_channel::Receiver<()> {
+    let (tx, rx) = async_channel::unbounded();
+    match async_signal::Signals::new([async_signal::Signal::Hup]) {
+        Ok(mut hups) => {
+            std::thread::spawn(move || {
+                smol::block_on(async {
+                    use futures_lite::StreamExt;
+                    while hups.next().await.is_some() {
+                        eprintln!("received SIGHUP: reloading the config file");
+                        if tx.send(()).await.is_err() {
+                            break;
+                        }
+                    }
+                })
+            });
+        }
+        Err(e) => eprintln!("warning: cannot handle SIGHUP ({e}); reloads are off"),
+    }
+    rx
 }
 
 /// Completes at the first SIGTERM or SIGINT, after which the proxy drains; a second one ends

@@ -106,6 +106,38 @@ impl Tracker {
     }
 }
 
+/// The flow a listener hands new connections to, replaceable on reload: a connection takes
+/// the flow current when it is accepted and keeps it to the end, so a reload changes what new
+/// connections get and leaves established ones alone.
+#[derive(Debug)]
+pub(crate) struct Slot<F> {
+    current: std::sync::RwLock<Arc<F>>,
+}
+
+impl<F> Slot<F> {
+    pub(crate) fn new(flow: Arc<F>) -> Self {
+        Slot {
+            current: std::sync::RwLock::new(flow),
+        }
+    }
+
+    /// The flow for a new connection.
+    pub(crate) fn get(&self) -> Arc<F> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Puts `flow` in place for new connections; returns the one it replaces.
+    pub(crate) fn replace(&self, flow: Arc<F>) -> Arc<F> {
+        std::mem::replace(
+            &mut *self.current.write().unwrap_or_else(|e| e.into_inner()),
+            flow,
+        )
+    }
+}
+
 /// Accepts connections on `listener` and runs `handle` for each on its own task (counted by
 /// `tracker`), until `stop` completes; then closes the listener, so new connections are
 /// refused at once rather than queued in its backlog. Established connections go on.
@@ -150,6 +182,7 @@ pub(crate) async fn accept_until<N, H, F>(
 /// ones still open after that.
 ///
 /// Returns how many connections had to be closed at the deadline.
+#[allow(dead_code)] // for single-listener servers such as the admin endpoint, being written
 pub(crate) async fn accept_loop<N, H, F>(
     net: &N,
     listener: N::Listener,
@@ -232,58 +265,237 @@ pub fn run(config: crate::Config) -> Result<(), Error> {
     run_until(config, future::pending())
 }
 
-/// Runs every section of `config` until `shutdown` completes, then stops accepting on every
-/// listener at once, lets established connections finish for up to the config's
-/// `drain_timeout_ms`, closes what remains and returns.
-///
-/// Every listener is bound first, so a busy address fails start-up as a whole (naming the
-/// address); then all are served on one executor spread over the machine's cores.
+/// Runs every section of `config` until `shutdown` completes: see [`run_reloading`], without
+/// reloads.
 pub fn run_until(
     config: crate::Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    let drain = config.drain_timeout_ms;
+    let (_never, reloads) = async_channel::bounded(1);
+    let load = || Err(Error::Config("this run does not reload".into()));
+    run_reloading(config, load, reloads, shutdown)
+}
+
+/// Runs every section of `config`, reloading on each message from `reloads`, until `shutdown`
+/// completes; then stops accepting on every listener at once, lets established connections
+/// finish for up to `drain_timeout_ms`, closes what remains and returns.
+///
+/// Every listener is bound first, so a busy address fails start-up as a whole (naming the
+/// address); all are served on one executor spread over the machine's cores.
+///
+/// A reload calls `load` for the new configuration. An invalid one is logged and the running
+/// one stays. Otherwise sections are matched by kind and listen address: new ones start
+/// listening; removed ones stop accepting, and their open connections go on; changed ones keep
+/// their listener and give new connections the new backends and policies. No established
+/// connection is cut by a reload.
+pub fn run_reloading(
+    config: crate::Config,
+    load: impl Fn() -> Result<crate::Config, Error> + Send + 'static,
+    reloads: async_channel::Receiver<()>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
     block_on(|net| async move {
-        let mut tcp = Vec::new();
-        for section in config.tcp_proxy {
-            tcp.push((bind(&net, &section.listen).await?, section));
+        let tracker = Arc::new(Tracker::default());
+        let mut drain = config.drain_timeout_ms;
+        // Bind everything first, then start: a busy address fails start-up as a whole.
+        let mut bound = Vec::new();
+        for section in Section::all(config) {
+            bound.push((bind(&net, section.listen()).await?, section));
         }
-        let mut ws = Vec::new();
-        for section in config.ws_proxy {
-            ws.push((bind(&net, &section.listen).await?, section));
+        let mut live = Vec::new();
+        for (listener, section) in bound {
+            live.push(Live::start(&net, listener, section, &tracker)?);
         }
-        // Dropping `stop` tells every listener to shut down.
-        let (stop, stopped) = async_channel::bounded::<()>(1);
-        let signal = |stopped: async_channel::Receiver<()>| async move {
-            let _ = stopped.recv().await;
-        };
-        // Each listener runs on its own task; the first to fail ends the process.
-        let (done, finished) = async_channel::unbounded();
-        for (listener, s) in tcp {
-            let proxy = crate::TcpProxy::from_section(s).drain_timeout_ms(drain);
-            let serve = proxy.serve_with(net.clone(), listener, signal(stopped.clone()));
-            let done = done.clone();
-            net.spawn(async move {
-                let _ = done.send(serve.await).await;
+        let mut shutdown = pin!(shutdown);
+        loop {
+            let reload = future::or(async { reloads.recv().await.is_ok() }, async {
+                (&mut shutdown).await;
+                false
+            })
+            .await;
+            if !reload {
+                break;
+            }
+            let config = match load() {
+                Ok(config) => config,
+                Err(e) => {
+                    warn!("reload rejected, the running configuration stays: {e}");
+                    continue;
+                }
+            };
+            drain = config.drain_timeout_ms;
+            let sections = Section::all(config);
+            live.retain(|l| {
+                let kept = sections.iter().any(|s| s.key() == l.section.key());
+                if !kept {
+                    info!(
+                        "reload: {} stops accepting; its open connections go on",
+                        l.section.name()
+                    );
+                    l.stop();
+                }
+                kept
             });
+            for section in sections {
+                match live.iter_mut().find(|l| l.section.key() == section.key()) {
+                    Some(l) if l.section == section => {}
+                    Some(l) => match l.update(&net, section) {
+                        Ok(()) => info!(
+                            "reload: {} updated; new connections use its new settings",
+                            l.section.name()
+                        ),
+                        Err(e) => warn!("reload: keeping the old settings: {e}"),
+                    },
+                    None => {
+                        let started = match bind(&net, section.listen()).await {
+                            Ok(listener) => Live::start(&net, listener, section, &tracker),
+                            Err(e) => Err(e),
+                        };
+                        match started {
+                            Ok(l) => live.push(l),
+                            Err(e) => warn!("reload: cannot start a section: {e}"),
+                        }
+                    }
+                }
+            }
         }
-        for (listener, s) in ws {
-            let proxy = crate::WsProxy::from_section(s).drain_timeout_ms(drain);
-            let serve = proxy.serve_with(net.clone(), listener, signal(stopped.clone()));
-            let done = done.clone();
-            net.spawn(async move {
-                let _ = done.send(serve.await).await;
-            });
+        info!("shutting down: no new connections, draining for up to {drain}ms");
+        for l in &live {
+            l.stop();
         }
-        drop(done);
-        net.spawn(async move {
-            shutdown.await;
-            info!("shutting down: no new connections, draining for up to {drain}ms");
-            drop(stop);
-        });
-        while let Ok(result) = finished.recv().await {
-            result?;
-        }
+        let left = tracker.drain(&net, Duration::from_millis(drain)).await;
+        info!("stopped open_connections_closed={left}");
         Ok(())
     })
+}
+
+/// One section of either kind, as the supervisor compares them across reloads.
+#[derive(Debug, Clone, PartialEq)]
+enum Section {
+    Tcp(crate::config::TcpSection),
+    Ws(crate::config::WsSection),
+}
+
+impl Section {
+    fn all(config: crate::Config) -> Vec<Section> {
+        let tcp = config.tcp_proxy.into_iter().map(Section::Tcp);
+        tcp.chain(config.ws_proxy.into_iter().map(Section::Ws))
+            .collect()
+    }
+
+    fn listen(&self) -> &str {
+        match self {
+            Section::Tcp(s) => &s.listen,
+            Section::Ws(s) => &s.listen,
+        }
+    }
+
+    fn name(&self) -> String {
+        match self {
+            Section::Tcp(s) => format!("[[tcp_proxy]] {:?}", s.name),
+            Section::Ws(s) => format!("[[ws_proxy]] {:?}", s.name),
+        }
+    }
+
+    /// What identifies a section across reloads: its kind and listen address.
+    fn key(&self) -> (bool, String) {
+        (
+            matches!(self, Section::Tcp(_)),
+            self.listen().to_ascii_lowercase(),
+        )
+    }
+}
+
+/// The flow slot of a running section.
+enum Flows {
+    Tcp(Arc<Slot<crate::tcp::Flow>>),
+    Ws(Arc<Slot<crate::ws::Flow>>),
+}
+
+/// A running section: its listener task and the flow it hands connections to.
+struct Live {
+    section: Section,
+    flows: Flows,
+    listen_addr: Option<SocketAddr>,
+    /// Dropped to stop the listener.
+    stop: std::sync::Mutex<Option<async_channel::Sender<()>>>,
+}
+
+impl Live {
+    fn start<N: Net>(
+        net: &N,
+        listener: N::Listener,
+        section: Section,
+        tracker: &Arc<Tracker>,
+    ) -> Result<Live, Error> {
+        let listen_addr = listener.local_addr().ok();
+        let (stop, stopped) = async_channel::bounded::<()>(1);
+        let stopped = async move {
+            let _ = stopped.recv().await;
+        };
+        let (net2, tracker) = (net.clone(), tracker.clone());
+        let flows = match &section {
+            Section::Tcp(s) => {
+                let slot = Arc::new(Slot::new(crate::tcp::Flow::start(
+                    net,
+                    s.clone(),
+                    listen_addr,
+                )?));
+                let slot2 = slot.clone();
+                net.spawn(async move {
+                    accept_until(&net2, listener, stopped, &tracker, |stream, peer| {
+                        slot2.get().handle(net2.clone(), stream, peer)
+                    })
+                    .await;
+                });
+                Flows::Tcp(slot)
+            }
+            Section::Ws(s) => {
+                let slot = Arc::new(Slot::new(crate::ws::Flow::start(
+                    net,
+                    s.clone(),
+                    listen_addr,
+                )?));
+                let slot2 = slot.clone();
+                net.spawn(async move {
+                    accept_until(&net2, listener, stopped, &tracker, |stream, peer| {
+                        slot2.get().handle(net2.clone(), stream, peer)
+                    })
+                    .await;
+                });
+                Flows::Ws(slot)
+            }
+        };
+        Ok(Live {
+            section,
+            flows,
+            listen_addr,
+            stop: std::sync::Mutex::new(Some(stop)),
+        })
+    }
+
+    /// Gives new connections the flow `section` describes; the old flow's background tasks
+    /// stop, its connections go on.
+    fn update<N: Net>(&mut self, net: &N, section: Section) -> Result<(), Error> {
+        match (&self.flows, &section) {
+            (Flows::Tcp(slot), Section::Tcp(s)) => slot
+                .replace(crate::tcp::Flow::start(net, s.clone(), self.listen_addr)?)
+                .stop_background(),
+            (Flows::Ws(slot), Section::Ws(s)) => slot
+                .replace(crate::ws::Flow::start(net, s.clone(), self.listen_addr)?)
+                .stop_background(),
+            _ => unreachable!("sections are matched by kind"),
+        }
+        self.section = section;
+        Ok(())
+    }
+
+    /// Stops the listener and the flow's background tasks; open connections go on.
+    fn stop(&self) {
+        drop(self.stop.lock().unwrap_or_else(|e| e.into_inner()).take());
+        match &self.flows {
+            Flows::Tcp(slot) => slot.get().stop_background(),
+            Flows::Ws(slot) => slot.get().stop_background(),
+        }
+    }
 }

@@ -156,42 +156,20 @@ impl TcpProxy {
         listener: N::Listener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), Error> {
-        let s = self.section;
-        let bad = |why: String| Error::Config(format!("tcp proxy {}: {why}", s.name));
-        if s.connect_timeout_ms == 0 {
-            return Err(bad("the connect timeout must be positive".into()));
-        }
-        let pool = Pool::from_config(&s.name, &s.backends, &s.balancing, false).map_err(bad)?;
-        let names: Vec<String> = s.backends.iter().map(|b| b.address.clone()).collect();
-        server::log_listening(
-            "tcp",
-            &s.name,
-            crate::net::Listener::local_addr(&listener),
-            &names,
-        );
-        // Dropping `stop` when serving ends stops the health checks.
-        let (stop, stopped) = async_channel::bounded::<()>(1);
-        if let Some(check) = &s.health_check {
-            health::spawn_checks(&net, &s.name, pool.backends(), check, &stopped);
-        }
-        let resolve_every = Duration::from_millis(s.balancing.resolve_interval_ms);
-        balancer::spawn_resolver(&net, &s.name, pool.backends(), resolve_every, &stopped);
-        let flow = Arc::new(Flow {
-            retry: Retry::from_config(&s.balancing, s.connect_timeout_ms),
-            pool,
-            name: s.name,
-            proxy_protocol: s.send_proxy_protocol,
-            listen_addr: crate::net::Listener::local_addr(&listener).ok(),
-        });
-        let left = server::accept_loop(
+        let flow = Flow::start(
             &net,
-            listener,
-            shutdown,
-            self.drain_timeout,
-            |stream, peer| flow.clone().handle(net.clone(), stream, peer),
-        )
+            self.section,
+            crate::net::Listener::local_addr(&listener).ok(),
+        )?;
+        let slot = server::Slot::new(flow);
+        let tracker = server::Tracker::default();
+        server::accept_until(&net, listener, shutdown, &tracker, |stream, peer| {
+            slot.get().handle(net.clone(), stream, peer)
+        })
         .await;
-        drop(stop);
+        let flow = slot.get();
+        flow.stop_background();
+        let left = tracker.drain(&net, self.drain_timeout).await;
         info!(
             "stopped kind=tcp name={} open_connections_closed={left}",
             flow.name
@@ -201,8 +179,11 @@ impl TcpProxy {
 }
 
 /// What every connection of one TCP proxy shares.
-struct Flow {
-    name: String,
+pub(crate) struct Flow {
+    pub(crate) name: String,
+    /// Dropped to stop this flow's health checks and resolver (on shutdown, or when a reload
+    /// replaces the flow).
+    stop: std::sync::Mutex<Option<async_channel::Sender<()>>>,
     pool: Pool,
     retry: Retry,
     /// The PROXY protocol header to send each backend first, if any.
@@ -213,7 +194,52 @@ struct Flow {
 }
 
 impl Flow {
-    async fn handle<N: Net>(self: Arc<Self>, net: N, mut client: N::Stream, peer: SocketAddr) {
+    /// A flow as `s` configures it, with its health checks and resolver running on `net`;
+    /// logs that it listens on `listen_addr`.
+    pub(crate) fn start<N: Net>(
+        net: &N,
+        s: TcpSection,
+        listen_addr: Option<SocketAddr>,
+    ) -> Result<Arc<Flow>, Error> {
+        let bad = |why: String| Error::Config(format!("tcp proxy {}: {why}", s.name));
+        if s.connect_timeout_ms == 0 {
+            return Err(bad("the connect timeout must be positive".into()));
+        }
+        let pool = Pool::from_config(&s.name, &s.backends, &s.balancing, false).map_err(bad)?;
+        let names: Vec<String> = s.backends.iter().map(|b| b.address.clone()).collect();
+        server::log_listening(
+            "tcp",
+            &s.name,
+            listen_addr.ok_or(std::io::ErrorKind::NotFound.into()),
+            &names,
+        );
+        let (stop, stopped) = async_channel::bounded::<()>(1);
+        if let Some(check) = &s.health_check {
+            health::spawn_checks(net, &s.name, pool.backends(), check, &stopped);
+        }
+        let resolve_every = Duration::from_millis(s.balancing.resolve_interval_ms);
+        balancer::spawn_resolver(net, &s.name, pool.backends(), resolve_every, &stopped);
+        Ok(Arc::new(Flow {
+            retry: Retry::from_config(&s.balancing, s.connect_timeout_ms),
+            pool,
+            name: s.name,
+            stop: std::sync::Mutex::new(Some(stop)),
+            proxy_protocol: s.send_proxy_protocol,
+            listen_addr,
+        }))
+    }
+
+    /// Stops this flow's health checks and resolver.
+    pub(crate) fn stop_background(&self) {
+        drop(self.stop.lock().unwrap_or_else(|e| e.into_inner()).take());
+    }
+
+    pub(crate) async fn handle<N: Net>(
+        self: Arc<Self>,
+        net: N,
+        mut client: N::Stream,
+        peer: SocketAddr,
+    ) {
         let started = net.now();
         let key = client_ip_key(peer.ip());
         let mut attempts = self.pool.attempts(Some(key), self.retry, started);

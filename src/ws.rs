@@ -176,40 +176,20 @@ impl WsProxy {
         listener: N::Listener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), Error> {
-        let mut flow = Flow::new(self.section)?;
-        flow.listen_addr = crate::net::Listener::local_addr(&listener).ok();
-        let flow = Arc::new(flow);
-        let all: Vec<String> = flow
-            .routes
-            .iter()
-            .flat_map(|r| r.config.backends.iter().map(|b| b.address.clone()))
-            .collect();
-        server::log_listening(
-            "ws",
-            &flow.name,
-            crate::net::Listener::local_addr(&listener),
-            &all,
-        );
-        // Dropping `stop` when serving ends stops the health checks.
-        let (stop, stopped) = async_channel::bounded::<()>(1);
-        for r in &flow.routes {
-            if let Some(check) = &r.config.health_check {
-                let pool = format!("{}{}", flow.name, r.config.path);
-                health::spawn_checks(&net, &pool, r.pool.backends(), check, &stopped);
-            }
-            let pool = format!("{}{}", flow.name, r.config.path);
-            let every = Duration::from_millis(r.config.balancing.resolve_interval_ms);
-            balancer::spawn_resolver(&net, &pool, r.pool.backends(), every, &stopped);
-        }
-        let left = server::accept_loop(
+        let flow = Flow::start(
             &net,
-            listener,
-            shutdown,
-            self.drain_timeout,
-            |stream, peer| flow.clone().handle(net.clone(), stream, peer),
-        )
+            self.section,
+            crate::net::Listener::local_addr(&listener).ok(),
+        )?;
+        let slot = server::Slot::new(flow);
+        let tracker = server::Tracker::default();
+        server::accept_until(&net, listener, shutdown, &tracker, |stream, peer| {
+            slot.get().handle(net.clone(), stream, peer)
+        })
         .await;
-        drop(stop);
+        let flow = slot.get();
+        flow.stop_background();
+        let left = tracker.drain(&net, self.drain_timeout).await;
         info!(
             "stopped kind=ws name={} open_connections_closed={left}",
             flow.name
@@ -219,8 +199,11 @@ impl WsProxy {
 }
 
 /// What every connection of one WebSocket proxy shares.
-struct Flow {
-    name: String,
+pub(crate) struct Flow {
+    pub(crate) name: String,
+    /// Dropped to stop this flow's health checks and resolvers (on shutdown, or when a reload
+    /// replaces the flow).
+    stop: std::sync::Mutex<Option<async_channel::Sender<()>>>,
     /// The listener's address, for PROXY headers when the runtime cannot tell a stream's own.
     listen_addr: Option<SocketAddr>,
     read_timeout: Duration,
@@ -239,6 +222,44 @@ struct Route {
 }
 
 impl Flow {
+    /// A flow as `s` configures it, with its routes' health checks and resolvers running on
+    /// `net`; logs that it listens on `listen_addr`.
+    pub(crate) fn start<N: Net>(
+        net: &N,
+        s: WsSection,
+        listen_addr: Option<SocketAddr>,
+    ) -> Result<Arc<Flow>, Error> {
+        let mut flow = Flow::new(s)?;
+        flow.listen_addr = listen_addr;
+        let all: Vec<String> = flow
+            .routes
+            .iter()
+            .flat_map(|r| r.config.backends.iter().map(|b| b.address.clone()))
+            .collect();
+        server::log_listening(
+            "ws",
+            &flow.name,
+            listen_addr.ok_or(io::ErrorKind::NotFound.into()),
+            &all,
+        );
+        let (stop, stopped) = async_channel::bounded::<()>(1);
+        for r in &flow.routes {
+            let pool = format!("{}{}", flow.name, r.config.path);
+            if let Some(check) = &r.config.health_check {
+                health::spawn_checks(net, &pool, r.pool.backends(), check, &stopped);
+            }
+            let every = Duration::from_millis(r.config.balancing.resolve_interval_ms);
+            balancer::spawn_resolver(net, &pool, r.pool.backends(), every, &stopped);
+        }
+        flow.stop = std::sync::Mutex::new(Some(stop));
+        Ok(Arc::new(flow))
+    }
+
+    /// Stops this flow's health checks and resolvers.
+    pub(crate) fn stop_background(&self) {
+        drop(self.stop.lock().unwrap_or_else(|e| e.into_inner()).take());
+    }
+
     fn new(s: WsSection) -> Result<Flow, Error> {
         let bad = |why: String| Error::Config(format!("ws proxy {}: {why}", s.name));
         if s.connect_timeout_ms == 0 || s.read_timeout_ms == 0 || s.upgrade_timeout_ms == 0 {
@@ -261,6 +282,7 @@ impl Flow {
         }
         Ok(Flow {
             name: s.name,
+            stop: std::sync::Mutex::new(None),
             listen_addr: None,
             read_timeout: Duration::from_millis(s.read_timeout_ms),
             upgrade_timeout: Duration::from_millis(s.upgrade_timeout_ms),
@@ -270,7 +292,12 @@ impl Flow {
         })
     }
 
-    async fn handle<N: Net>(self: Arc<Self>, net: N, mut client: N::Stream, peer: SocketAddr) {
+    pub(crate) async fn handle<N: Net>(
+        self: Arc<Self>,
+        net: N,
+        mut client: N::Stream,
+        peer: SocketAddr,
+    ) {
         let started = net.now();
         let mut log = Access {
             path: "-".into(),

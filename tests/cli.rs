@@ -25,12 +25,29 @@ fn run(args: &[&str]) -> (i32, String, String) {
 /// A running proxy process, killed when dropped.
 struct Running {
     child: Child,
+    /// Later `listening` lines (after a reload).
+    lines: mpsc::Receiver<(String, String)>,
     /// The name and address of each `listening` line, in the order they were printed
     /// (sections start concurrently, so that order is not the file's).
     addrs: Vec<(String, SocketAddr)>,
 }
 
 impl Running {
+    /// Waits for a later `listening` line of the section called `name` and records it.
+    fn wait_listening(&mut self, name: &str) -> SocketAddr {
+        loop {
+            let (n, addr) = self
+                .lines
+                .recv_timeout(Duration::from_secs(10))
+                .expect("a listening line");
+            let addr: SocketAddr = addr.parse().expect("a socket address");
+            self.addrs.push((n.clone(), addr));
+            if n == name {
+                return addr;
+            }
+        }
+    }
+
     /// The address the section called `name` listens on.
     fn addr(&self, name: &str) -> SocketAddr {
         let found = self.addrs.iter().find(|(n, _)| n == name);
@@ -75,10 +92,12 @@ fn start(args: &[&str], listeners: usize) -> Running {
     });
     let mut running = Running {
         child,
+        lines: rx,
         addrs: Vec::new(),
     };
     for _ in 0..listeners {
-        let (name, addr) = rx
+        let (name, addr) = running
+            .lines
             .recv_timeout(Duration::from_secs(10))
             .expect("a listening line");
         running
@@ -330,5 +349,95 @@ fn the_drain_deadline_closes_what_is_left_and_a_second_signal_exits_at_once() {
         exit_within(&mut proxy.child, Duration::from_millis(250)),
         Some(130),
         "a second signal exits at once"
+    );
+}
+
+/// A backend that greets every connection with `label` and then echoes.
+fn labelled_backend(label: &'static str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().map_while(Result::ok) {
+            std::thread::spawn(move || {
+                let mut w = stream;
+                let _ = w.write_all(label.as_bytes());
+                let mut r = w.try_clone().unwrap();
+                let _ = std::io::copy(&mut r, &mut w);
+                let _ = w.shutdown(Shutdown::Write);
+            });
+        }
+    });
+    addr
+}
+
+/// Connects and returns the stream with the backend's label read off it.
+fn open(addr: SocketAddr) -> (TcpStream, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut label = [0u8; 5];
+    s.read_exact(&mut label).unwrap();
+    (s, String::from_utf8_lossy(&label).to_string())
+}
+
+fn still_relays(s: &mut TcpStream, what: &str) {
+    s.write_all(what.as_bytes()).unwrap();
+    let mut got = vec![0u8; what.len()];
+    s.read_exact(&mut got).unwrap();
+    assert_eq!(got, what.as_bytes());
+}
+
+#[test]
+fn sighup_adds_removes_and_changes_sections_without_cutting_a_tunnel() {
+    let (x, y) = (labelled_backend("b-old"), labelled_backend("b-new"));
+    let before = format!(
+        "[[tcp_proxy]]\nname = \"one\"\nlisten = \"127.0.0.1:0\"\nbackends = [\"{x}\"]\n\n\
+         [[tcp_proxy]]\nname = \"gone\"\nlisten = \"127.0.0.4:0\"\nbackends = [\"{x}\"]\n"
+    );
+    let file = config_file("reload.toml", &before);
+    let mut proxy = start(&["--config", file.to_str().unwrap()], 2);
+    let (one, gone) = (proxy.addr("one"), proxy.addr("gone"));
+    let (mut tunnel, label) = open(one);
+    assert_eq!(label, "b-old");
+    let (mut orphan, _) = open(gone);
+
+    let after = format!(
+        "[[tcp_proxy]]\nname = \"one\"\nlisten = \"127.0.0.1:0\"\nbackends = [\"{y}\"]\n\n\
+         [[tcp_proxy]]\nname = \"two\"\nlisten = \"127.0.0.2:0\"\nbackends = [\"{y}\"]\n"
+    );
+    std::fs::write(&file, after).unwrap();
+    signal(&proxy.child, "HUP");
+    let two = proxy.wait_listening("two");
+    std::thread::sleep(Duration::from_millis(200));
+
+    assert_eq!(
+        open(one).1,
+        "b-new",
+        "a changed section gives new connections its new backends"
+    );
+    assert_eq!(open(two).1, "b-new", "an added section listens");
+    assert!(
+        TcpStream::connect(gone).is_err(),
+        "a removed section stops accepting"
+    );
+    still_relays(&mut tunnel, "the old tunnel of a changed section goes on");
+    still_relays(&mut orphan, "the open tunnel of a removed section goes on");
+
+    // An invalid file is refused and the running configuration stays.
+    std::fs::write(
+        &file,
+        "[[tcp_proxy]]\nlisten = \"127.0.0.1:0\"\nbackends = []\n",
+    )
+    .unwrap();
+    signal(&proxy.child, "HUP");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        open(one).1,
+        "b-new",
+        "still running the last good configuration"
+    );
+    still_relays(&mut tunnel, "and the tunnel is untouched");
+    assert!(
+        proxy.child.try_wait().unwrap().is_none(),
+        "the process is still up"
     );
 }
