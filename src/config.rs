@@ -33,6 +33,7 @@ use toml::Spanned;
 
 use crate::balancer::{Balance, HashKey};
 use crate::health::{ActiveConfig, CheckKind};
+use crate::limit::Limits;
 use crate::proxy_protocol::Version as ProxyVersion;
 use crate::tcp::DEFAULT_CONNECT_TIMEOUT_MS;
 use crate::Error;
@@ -64,6 +65,8 @@ pub struct Config {
     /// On shutdown, how long established connections may go on before they are closed
     /// (`drain_timeout_ms`, top level).
     pub drain_timeout_ms: u64,
+    /// Connections open at once in the whole process (`max_connections`, top level).
+    pub max_connections: Option<usize>,
 }
 
 /// One backend of a section or route: `"host:port"`, or a table with `address` and options.
@@ -158,6 +161,8 @@ pub struct TcpSection {
     /// Send a PROXY protocol header to each backend first (`send_proxy_protocol`), so it
     /// learns the client's address.
     pub send_proxy_protocol: Option<ProxyVersion>,
+    /// Connection limits and tunnel timeouts.
+    pub limits: Limits,
 }
 
 /// One `[[ws_proxy]]` section: a listener for WebSocket upgrades.
@@ -177,6 +182,8 @@ pub struct WsSection {
     pub max_request_head_bytes: usize,
     /// A path answered with 200 to a plain GET, for load balancers' probes.
     pub health_path: Option<String>,
+    /// Connection limits and tunnel timeouts.
+    pub limits: Limits,
     /// The routes in file order; the section's own `backends`, if any, come last as a
     /// catch-all route (path `/`, any host).
     pub routes: Vec<WsRoute>,
@@ -384,6 +391,7 @@ mod raw {
     #[serde(deny_unknown_fields)]
     pub(super) struct File {
         pub drain_timeout_ms: Option<Spanned<u64>>,
+        pub max_connections: Option<Spanned<u64>>,
         #[serde(default)]
         pub tcp_proxy: Vec<Spanned<TcpSection>>,
         #[serde(default)]
@@ -397,6 +405,10 @@ mod raw {
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     pub(super) struct TcpSection {
+        pub max_connections: Option<Spanned<u64>>,
+        pub max_connections_per_ip: Option<Spanned<u64>>,
+        pub idle_timeout_ms: Option<Spanned<u64>>,
+        pub max_connection_age_ms: Option<Spanned<u64>>,
         pub name: Option<Spanned<String>>,
         #[serde(alias = "bind")]
         pub listen: Spanned<String>,
@@ -417,6 +429,10 @@ mod raw {
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     pub(super) struct WsSection {
+        pub max_connections: Option<Spanned<u64>>,
+        pub max_connections_per_ip: Option<Spanned<u64>>,
+        pub idle_timeout_ms: Option<Spanned<u64>>,
+        pub max_connection_age_ms: Option<Spanned<u64>>,
         pub name: Option<Spanned<String>>,
         #[serde(alias = "bind")]
         pub listen: Spanned<String>,
@@ -699,6 +715,7 @@ impl Source<'_> {
         let mut config = Config {
             tcp_proxy: Vec::new(),
             ws_proxy: Vec::new(),
+            max_connections: self.count(&raw.max_connections, "max_connections")?,
             // 0 is allowed: close every connection at once on shutdown.
             drain_timeout_ms: raw
                 .drain_timeout_ms
@@ -723,7 +740,14 @@ impl Source<'_> {
                 None => None,
             };
             let send_proxy_protocol = self.proxy_version(s.send_proxy_protocol.as_ref())?;
+            let limits = self.limits(
+                &s.max_connections,
+                &s.max_connections_per_ip,
+                &s.idle_timeout_ms,
+                &s.max_connection_age_ms,
+            )?;
             config.tcp_proxy.push(TcpSection {
+                limits,
                 name,
                 listen,
                 backends,
@@ -751,6 +775,12 @@ impl Source<'_> {
         n: usize,
     ) -> Result<WsSection, Error> {
         let name = self.name(seen, &s.name, span.clone(), Kind::Ws, n)?;
+        let limits = self.limits(
+            &s.max_connections,
+            &s.max_connections_per_ip,
+            &s.idle_timeout_ms,
+            &s.max_connection_age_ms,
+        )?;
         let listen = self.listen(seen, &s.listen, &name)?;
         let connect_timeout_ms = self.timeout(
             &s.connect_timeout_ms,
@@ -843,6 +873,7 @@ impl Source<'_> {
             None => {}
         }
         Ok(WsSection {
+            limits,
             name,
             listen,
             connect_timeout_ms,
@@ -1208,6 +1239,41 @@ impl Source<'_> {
         Ok(b)
     }
 
+    fn limits(
+        &self,
+        max: &Option<Spanned<u64>>,
+        per_ip: &Option<Spanned<u64>>,
+        idle: &Option<Spanned<u64>>,
+        age: &Option<Spanned<u64>>,
+    ) -> Result<Limits, Error> {
+        Ok(Limits {
+            max_connections: self.count(max, "max_connections")?,
+            max_connections_per_ip: self.count(per_ip, "max_connections_per_ip")?,
+            idle_timeout_ms: match idle {
+                Some(v) => Some(self.timeout(&Some(v.clone()), "idle_timeout_ms", 0)?),
+                None => None,
+            },
+            max_connection_age_ms: match age {
+                Some(v) => Some(self.timeout(&Some(v.clone()), "max_connection_age_ms", 0)?),
+                None => None,
+            },
+        })
+    }
+
+    /// A connection cap: absent means none; zero is refused, as it would refuse everyone.
+    fn count(&self, v: &Option<Spanned<u64>>, field: &str) -> Result<Option<usize>, Error> {
+        match v {
+            None => Ok(None),
+            Some(n) if *n.get_ref() == 0 => Err(self.error(
+                n.span(),
+                field,
+                "a limit of 0 would refuse every connection",
+                &format!("use a positive number, or leave `{field}` out for no limit"),
+            )),
+            Some(n) => Ok(Some(usize::try_from(*n.get_ref()).unwrap_or(usize::MAX))),
+        }
+    }
+
     fn proxy_version(&self, v: Option<&Spanned<String>>) -> Result<Option<ProxyVersion>, Error> {
         match v.map(|v| (v, v.get_ref().as_str())) {
             None => Ok(None),
@@ -1438,6 +1504,7 @@ mod tests {
                 balancing: Balancing::default(),
                 health_check: None,
                 send_proxy_protocol: None,
+                limits: Limits::default(),
             }]
         );
         assert_eq!(c.ws_proxy[0].name, "ws-1");

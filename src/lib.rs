@@ -7,6 +7,7 @@
 //! - [`relay`]: the bidirectional copy of an established tunnel ([`Relay`]).
 //! - [`balancer`]: backend pools and selection ([`Pool`], [`Backend`]).
 //! - [`health`]: passive and active backend health, and the active checker.
+//! - [`limit`]: connection limits per section, per client IP and per process.
 //! - [`policy`]: the selection algorithms (smooth weighted round robin, least connections,
 //!   consistent hashing with bounded load, random).
 //! - [`proxy_protocol`]: PROXY protocol v1/v2, encoding and parsing.
@@ -37,6 +38,7 @@ pub mod config;
 mod error;
 pub mod handshake;
 pub mod health;
+pub mod limit;
 pub mod net;
 pub mod policy;
 pub mod proxy_protocol;

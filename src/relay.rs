@@ -189,6 +189,8 @@ pub struct Relay<'a, C: ?Sized, B: ?Sized> {
     backend: &'a mut B,
     up: Direction,
     down: Direction,
+    /// Where the total of bytes moved is published, for an idle timeout watching from outside.
+    progress: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl<'a, C, B> Relay<'a, C, B>
@@ -203,6 +205,7 @@ where
             backend,
             up: Direction::default(),
             down: Direction::default(),
+            progress: None,
         }
     }
 
@@ -213,6 +216,18 @@ where
         self.up = Direction::with_pending(to_backend);
         self.down = Direction::with_pending(to_client);
         self
+    }
+
+    /// Publishes the bytes moved so far (both ways together) to `progress` after every poll,
+    /// so an idle timeout can tell a quiet tunnel from a busy one without a timer in here.
+    pub fn progress(mut self, progress: std::sync::Arc<std::sync::atomic::AtomicU64>) -> Self {
+        self.progress = Some(progress);
+        self
+    }
+
+    /// What the relay has done so far, for a caller that ends it early (a timeout).
+    pub fn report_so_far(&self, result: Result<(), (Side, io::Error)>) -> Report {
+        self.report(result)
     }
 
     fn report(&self, result: Result<(), (Side, io::Error)>) -> Report {
@@ -233,6 +248,24 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Report> {
         let this = self.get_mut();
+        let polled = this.poll_both(cx);
+        if let Some(p) = &this.progress {
+            p.store(
+                this.up.moved + this.down.moved,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+        polled
+    }
+}
+
+impl<C, B> Relay<'_, C, B>
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    fn poll_both(&mut self, cx: &mut Context<'_>) -> Poll<Report> {
+        let this = self;
         let up = this.up.poll_move(
             cx,
             Pin::new(&mut *this.client),

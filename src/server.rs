@@ -297,6 +297,8 @@ pub fn run_reloading(
     block_on(|net| async move {
         let tracker = Arc::new(Tracker::default());
         let mut drain = config.drain_timeout_ms;
+        // The process-wide cap is read at start-up; a reload does not change it.
+        let global = crate::limit::Global::new(config.max_connections);
         // Bind everything first, then start: a busy address fails start-up as a whole.
         let mut bound = Vec::new();
         for section in Section::all(config) {
@@ -304,7 +306,7 @@ pub fn run_reloading(
         }
         let mut live = Vec::new();
         for (listener, section) in bound {
-            live.push(Live::start(&net, listener, section, &tracker)?);
+            live.push(Live::start(&net, listener, section, &tracker, &global)?);
         }
         let mut shutdown = pin!(shutdown);
         loop {
@@ -348,7 +350,7 @@ pub fn run_reloading(
                     },
                     None => {
                         let started = match bind(&net, section.listen()).await {
-                            Ok(listener) => Live::start(&net, listener, section, &tracker),
+                            Ok(listener) => Live::start(&net, listener, section, &tracker, &global),
                             Err(e) => Err(e),
                         };
                         match started {
@@ -417,6 +419,8 @@ struct Live {
     section: Section,
     flows: Flows,
     listen_addr: Option<SocketAddr>,
+    /// The process-wide connection count and cap.
+    global: Arc<crate::limit::Global>,
     /// Dropped to stop the listener.
     stop: std::sync::Mutex<Option<async_channel::Sender<()>>>,
 }
@@ -427,6 +431,7 @@ impl Live {
         listener: N::Listener,
         section: Section,
         tracker: &Arc<Tracker>,
+        global: &Arc<crate::limit::Global>,
     ) -> Result<Live, Error> {
         let listen_addr = listener.local_addr().ok();
         let (stop, stopped) = async_channel::bounded::<()>(1);
@@ -440,6 +445,7 @@ impl Live {
                     net,
                     s.clone(),
                     listen_addr,
+                    Some(global.clone()),
                 )?));
                 let slot2 = slot.clone();
                 net.spawn(async move {
@@ -455,6 +461,7 @@ impl Live {
                     net,
                     s.clone(),
                     listen_addr,
+                    Some(global.clone()),
                 )?));
                 let slot2 = slot.clone();
                 net.spawn(async move {
@@ -470,6 +477,7 @@ impl Live {
             section,
             flows,
             listen_addr,
+            global: global.clone(),
             stop: std::sync::Mutex::new(Some(stop)),
         })
     }
@@ -479,10 +487,20 @@ impl Live {
     fn update<N: Net>(&mut self, net: &N, section: Section) -> Result<(), Error> {
         match (&self.flows, &section) {
             (Flows::Tcp(slot), Section::Tcp(s)) => slot
-                .replace(crate::tcp::Flow::start(net, s.clone(), self.listen_addr)?)
+                .replace(crate::tcp::Flow::start(
+                    net,
+                    s.clone(),
+                    self.listen_addr,
+                    Some(self.global.clone()),
+                )?)
                 .stop_background(),
             (Flows::Ws(slot), Section::Ws(s)) => slot
-                .replace(crate::ws::Flow::start(net, s.clone(), self.listen_addr)?)
+                .replace(crate::ws::Flow::start(
+                    net,
+                    s.clone(),
+                    self.listen_addr,
+                    Some(self.global.clone()),
+                )?)
                 .stop_background(),
             _ => unreachable!("sections are matched by kind"),
         }

@@ -11,6 +11,7 @@ use std::time::Duration;
 use crate::balancer::{self, Balance, Pool, Retry};
 use crate::config::{BackendConfig, Balancing, TcpSection};
 use crate::health;
+use crate::limit;
 use crate::log::{info, warn};
 use crate::net;
 use crate::net::Net;
@@ -86,6 +87,7 @@ impl TcpProxy {
             balancing: Balancing::default(),
             health_check: None,
             send_proxy_protocol: None,
+            limits: crate::limit::Limits::default(),
         })
     }
 
@@ -160,6 +162,7 @@ impl TcpProxy {
             &net,
             self.section,
             crate::net::Listener::local_addr(&listener).ok(),
+            None,
         )?;
         let slot = server::Slot::new(flow);
         let tracker = server::Tracker::default();
@@ -181,6 +184,7 @@ impl TcpProxy {
 /// What every connection of one TCP proxy shares.
 pub(crate) struct Flow {
     pub(crate) name: String,
+    admission: limit::Admission,
     /// Dropped to stop this flow's health checks and resolver (on shutdown, or when a reload
     /// replaces the flow).
     stop: std::sync::Mutex<Option<async_channel::Sender<()>>>,
@@ -200,6 +204,7 @@ impl Flow {
         net: &N,
         s: TcpSection,
         listen_addr: Option<SocketAddr>,
+        global: Option<Arc<limit::Global>>,
     ) -> Result<Arc<Flow>, Error> {
         let bad = |why: String| Error::Config(format!("tcp proxy {}: {why}", s.name));
         if s.connect_timeout_ms == 0 {
@@ -220,6 +225,7 @@ impl Flow {
         let resolve_every = Duration::from_millis(s.balancing.resolve_interval_ms);
         balancer::spawn_resolver(net, &s.name, pool.backends(), resolve_every, &stopped);
         Ok(Arc::new(Flow {
+            admission: limit::Admission::new(&s.name, s.limits, global, net.now()),
             retry: Retry::from_config(&s.balancing, s.connect_timeout_ms),
             pool,
             name: s.name,
@@ -241,6 +247,11 @@ impl Flow {
         peer: SocketAddr,
     ) {
         let started = net.now();
+        // Over a limit: closed at once (TCP has no way to say why); the refusal is logged,
+        // at most once a second.
+        let Ok(_ticket) = self.admission.admit(peer.ip(), started) else {
+            return;
+        };
         let key = client_ip_key(peer.ip());
         let mut attempts = self.pool.attempts(Some(key), self.retry, started);
         let mut connected = None;
@@ -291,7 +302,9 @@ impl Flow {
             return;
         };
         let connect_ms = net.now().duration_since(started).as_millis();
-        let report = Relay::new(&mut client, &mut upstream).await;
+        let max_age = self.admission.max_age(u64::from(peer.port()));
+        let relay = Relay::new(&mut client, &mut upstream);
+        let (report, cut) = limit::run_tunnel(&net, relay, self.admission.limits(), max_age).await;
         let ms = net.now().duration_since(started).as_millis();
         info!(
             "tcp name={} client={peer} backend={} up={} down={} connect_ms={connect_ms} duration_ms={ms} end={}",
@@ -299,7 +312,7 @@ impl Flow {
             lease.backend(),
             report.client_to_backend,
             report.backend_to_client,
-            ending(&report),
+            cut.map_or_else(|| ending(&report), |why| format!("\"{why}\"")),
         );
     }
 }

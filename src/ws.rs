@@ -18,6 +18,7 @@ use crate::balancer::{self, HashKey, Lease, Pool, Retry};
 use crate::config::{self, WsRoute, WsSection};
 use crate::handshake::{self, ForwardOptions, Head, HeadError, Incoming, Refusal, Response};
 use crate::health;
+use crate::limit;
 use crate::log::{info, warn};
 use crate::net::{self, Net};
 use crate::policy;
@@ -87,6 +88,7 @@ impl WsProxy {
             upgrade_timeout_ms: config::DEFAULT_UPGRADE_TIMEOUT_MS,
             max_request_head_bytes: config::DEFAULT_MAX_REQUEST_HEAD_BYTES,
             health_path: None,
+            limits: crate::limit::Limits::default(),
             routes: vec![route],
         })
     }
@@ -180,6 +182,7 @@ impl WsProxy {
             &net,
             self.section,
             crate::net::Listener::local_addr(&listener).ok(),
+            None,
         )?;
         let slot = server::Slot::new(flow);
         let tracker = server::Tracker::default();
@@ -201,6 +204,7 @@ impl WsProxy {
 /// What every connection of one WebSocket proxy shares.
 pub(crate) struct Flow {
     pub(crate) name: String,
+    admission: limit::Admission,
     /// Dropped to stop this flow's health checks and resolvers (on shutdown, or when a reload
     /// replaces the flow).
     stop: std::sync::Mutex<Option<async_channel::Sender<()>>>,
@@ -228,8 +232,11 @@ impl Flow {
         net: &N,
         s: WsSection,
         listen_addr: Option<SocketAddr>,
+        global: Option<Arc<limit::Global>>,
     ) -> Result<Arc<Flow>, Error> {
+        let admission = limit::Admission::new(&s.name, s.limits, global, net.now());
         let mut flow = Flow::new(s)?;
+        flow.admission = admission;
         flow.listen_addr = listen_addr;
         let all: Vec<String> = flow
             .routes
@@ -281,6 +288,7 @@ impl Flow {
             return Err(bad("no backends".into()));
         }
         Ok(Flow {
+            admission: limit::Admission::new(&s.name, s.limits, None, std::time::Instant::now()),
             name: s.name,
             stop: std::sync::Mutex::new(None),
             listen_addr: None,
@@ -307,14 +315,28 @@ impl Flow {
             down: 0,
             end: String::new(),
         };
-        match self.upgrade(&net, &mut client, peer, &mut log).await {
+        let admitted = self.admission.admit(peer.ip(), started);
+        let outcome = match &admitted {
+            Ok(_) => self.upgrade(&net, &mut client, peer, &mut log).await,
+            Err(_) => Err(Ended::Answered {
+                status: 503,
+                bytes: handshake::response(
+                    503,
+                    "over capacity, retry shortly",
+                    &[("Retry-After", "1")],
+                ),
+                why: "over a connection limit".into(),
+            }),
+        };
+        match outcome {
             Ok((mut upstream, to_client, _lease)) => {
-                let report = Relay::new(&mut client, &mut upstream)
-                    .pending(Vec::new(), to_client)
-                    .await;
+                let max_age = self.admission.max_age(u64::from(peer.port()));
+                let relay = Relay::new(&mut client, &mut upstream).pending(Vec::new(), to_client);
+                let (report, cut) =
+                    limit::run_tunnel(&net, relay, self.admission.limits(), max_age).await;
                 log.up += report.client_to_backend;
                 log.down = report.backend_to_client;
-                log.end = ending(&report);
+                log.end = cut.map_or_else(|| ending(&report), |why| format!("\"{why}\""));
             }
             Err(Ended::Refused(refusal)) => {
                 log.status = refusal.status();

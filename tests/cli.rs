@@ -441,3 +441,39 @@ fn sighup_adds_removes_and_changes_sections_without_cutting_a_tunnel() {
         "the process is still up"
     );
 }
+
+#[test]
+fn the_process_wide_max_connections_counts_every_section() {
+    let backend = echo_backend();
+    let file = config_file(
+        "global.toml",
+        &format!(
+            "max_connections = 1\n\n[[tcp_proxy]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\nbackends = [\"{backend}\"]\n\n\
+             [[tcp_proxy]]\nname = \"b\"\nlisten = \"127.0.0.5:0\"\nbackends = [\"{backend}\"]\n"
+        ),
+    );
+    let proxy = start(&["--config", file.to_str().unwrap()], 2);
+    let mut first = TcpStream::connect(proxy.addr("a")).unwrap();
+    first
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    first.write_all(b"hi").unwrap();
+    let mut two = [0u8; 2];
+    first.read_exact(&mut two).unwrap();
+    let mut other = TcpStream::connect(proxy.addr("b")).unwrap();
+    other
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut one = [0u8; 1];
+    assert!(
+        matches!(other.read(&mut one), Ok(0) | Err(_)),
+        "over the process-wide cap: closed"
+    );
+    drop(first);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        echo_through(proxy.addr("b"), b"now"),
+        b"now",
+        "a freed place serves again"
+    );
+}

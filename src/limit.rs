@@ -1,0 +1,346 @@
+//! Connection limits: per section, per client IP, and for the whole process.
+//!
+//! A connection is admitted when it is accepted, and holds a [`Ticket`] until it ends; a
+//! refusal names the limit that was reached, so the flow can answer (503 with `Retry-After` for
+//! WebSocket, an immediate close for TCP) and the log can say why. Refusals are logged at most
+//! once a second per section, with a count, so a flood cannot flood the log too.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Open connections per client IP of one section.
+type PerIp = Arc<Mutex<HashMap<IpAddr, usize>>>;
+
+/// The limits of one section.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections open at once through this section.
+    pub max_connections: Option<usize>,
+    /// Connections open at once from one client IP through this section.
+    pub max_connections_per_ip: Option<usize>,
+    /// Close a tunnel after this long with no byte either way.
+    pub idle_timeout_ms: Option<u64>,
+    /// Close a tunnel after this long, whatever it is doing (with up to 10% jitter, so a fleet
+    /// of tunnels opened together does not reconnect together).
+    pub max_connection_age_ms: Option<u64>,
+}
+
+/// Which limit refused a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// The process-wide `max_connections`.
+    Global,
+    /// The section's `max_connections`.
+    Section,
+    /// The section's `max_connections_per_ip`.
+    PerIp,
+}
+
+impl Refused {
+    /// The reason, for logs and metrics.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Refused::Global => "global max_connections",
+            Refused::Section => "section max_connections",
+            Refused::PerIp => "max_connections_per_ip",
+        }
+    }
+}
+
+/// The process-wide connection count, shared by every section.
+#[derive(Debug, Default)]
+pub struct Global {
+    max: Option<usize>,
+    open: AtomicUsize,
+}
+
+impl Global {
+    /// A process-wide cap of `max` connections (`None`: no cap, only counting).
+    pub fn new(max: Option<usize>) -> Arc<Global> {
+        Arc::new(Global {
+            max,
+            open: AtomicUsize::new(0),
+        })
+    }
+}
+
+/// Admission for one section.
+#[derive(Debug)]
+pub struct Admission {
+    name: String,
+    limits: Limits,
+    global: Option<Arc<Global>>,
+    open: Arc<AtomicUsize>,
+    per_ip: PerIp,
+    /// Refusals since the last log line, and when that line was written (ms after `epoch`).
+    refused: AtomicU64,
+    logged_at: AtomicU64,
+    epoch: Instant,
+}
+
+/// Counts one admitted connection until dropped.
+#[derive(Debug)]
+pub struct Ticket {
+    global: Option<Arc<Global>>,
+    open: Arc<AtomicUsize>,
+    per_ip: Option<(PerIp, IpAddr)>,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if let Some(g) = &self.global {
+            g.open.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.open.fetch_sub(1, Ordering::Relaxed);
+        if let Some((map, ip)) = &self.per_ip {
+            let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = map.get_mut(ip) {
+                *n -= 1;
+                if *n == 0 {
+                    map.remove(ip);
+                }
+            }
+        }
+    }
+}
+
+/// Takes a place under `max` on `counter`, or none.
+fn take(counter: &AtomicUsize, max: Option<usize>) -> bool {
+    let before = counter.fetch_add(1, Ordering::Relaxed);
+    if max.is_some_and(|m| before >= m) {
+        counter.fetch_sub(1, Ordering::Relaxed);
+        return false;
+    }
+    true
+}
+
+impl Admission {
+    /// Admission for the section `name`, under `global` if the process has a cap.
+    pub fn new(name: &str, limits: Limits, global: Option<Arc<Global>>, epoch: Instant) -> Self {
+        Admission {
+            name: name.to_string(),
+            limits,
+            global,
+            open: Arc::new(AtomicUsize::new(0)),
+            per_ip: Arc::new(Mutex::new(HashMap::new())),
+            refused: AtomicU64::new(0),
+            logged_at: AtomicU64::new(0),
+            epoch,
+        }
+    }
+
+    /// The section's limits.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Admits a connection from `ip` at `now`, or says which limit refuses it (and logs, at
+    /// most once a second).
+    pub fn admit(&self, ip: IpAddr, now: Instant) -> Result<Ticket, Refused> {
+        let refused = self.try_admit(ip);
+        if let Err(why) = refused {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            let ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
+            let last = self.logged_at.load(Ordering::Relaxed);
+            if (ms >= last + 1000 || last == 0)
+                && self
+                    .logged_at
+                    .compare_exchange(last, ms.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                let n = self.refused.swap(0, Ordering::Relaxed);
+                crate::log::warn!(
+                    "limit name={} refused={n} reason=\"{}\" (last: {ip})",
+                    self.name,
+                    why.reason()
+                );
+            }
+        }
+        refused
+    }
+
+    fn try_admit(&self, ip: IpAddr) -> Result<Ticket, Refused> {
+        let global = match &self.global {
+            Some(g) if !take(&g.open, g.max) => return Err(Refused::Global),
+            g => g.clone(),
+        };
+        if !take(&self.open, self.limits.max_connections) {
+            if let Some(g) = &global {
+                g.open.fetch_sub(1, Ordering::Relaxed);
+            }
+            return Err(Refused::Section);
+        }
+        // From here on, dropping the ticket gives back what was taken.
+        let mut ticket = Ticket {
+            global,
+            open: self.open.clone(),
+            per_ip: None,
+        };
+        if let Some(max) = self.limits.max_connections_per_ip {
+            let mut map = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+            let n = map.entry(ip).or_default();
+            if *n >= max {
+                drop(map);
+                drop(ticket);
+                return Err(Refused::PerIp);
+            }
+            *n += 1;
+            ticket.per_ip = Some((self.per_ip.clone(), ip));
+        }
+        Ok(ticket)
+    }
+
+    /// How long a tunnel may live, with jitter drawn from `seed` (e.g. the client's port), so
+    /// tunnels opened together do not all end together: between 90% and 100% of the limit.
+    pub fn max_age(&self, seed: u64) -> Option<Duration> {
+        self.limits.max_connection_age_ms.map(|ms| {
+            let jitter = crate::policy::hash_key(&seed.to_le_bytes()) % (ms / 10 + 1);
+            Duration::from_millis(ms - jitter)
+        })
+    }
+}
+
+/// Why a tunnel was ended by the proxy rather than by its peers.
+pub(crate) const IDLE: &str = "idle timeout";
+/// See [`IDLE`].
+pub(crate) const AGE: &str = "max connection age";
+
+/// Completes when a tunnel has moved no byte (per `progress`) for `idle`, or has lived for
+/// `age`, whichever comes first, with the reason; never when neither is set.
+pub(crate) async fn watchdog<N: crate::net::Net>(
+    net: &N,
+    progress: &AtomicU64,
+    idle: Option<Duration>,
+    age: Option<Duration>,
+) -> &'static str {
+    let idle = async {
+        let Some(idle) = idle else {
+            return futures_lite::future::pending().await;
+        };
+        // Checking a quarter of the timeout at a time ends an idle tunnel between 1 and 1.25
+        // times the timeout after its last byte, at four timer wake-ups per timeout.
+        let tick = (idle / 4).max(Duration::from_millis(1));
+        let mut seen = progress.load(Ordering::Relaxed);
+        let mut quiet = Duration::ZERO;
+        loop {
+            net.sleep(tick).await;
+            let now = progress.load(Ordering::Relaxed);
+            if now == seen {
+                quiet += tick;
+                if quiet >= idle {
+                    return IDLE;
+                }
+            } else {
+                seen = now;
+                quiet = Duration::ZERO;
+            }
+        }
+    };
+    let age = async {
+        match age {
+            Some(age) => {
+                net.sleep(age).await;
+                AGE
+            }
+            None => futures_lite::future::pending().await,
+        }
+    };
+    futures_lite::future::or(idle, age).await
+}
+
+/// Runs `relay` under the section's idle timeout and `max_age`; returns what it did and, when
+/// a limit ended it, which.
+pub(crate) async fn run_tunnel<N, C, B>(
+    net: &N,
+    relay: crate::relay::Relay<'_, C, B>,
+    limits: &Limits,
+    max_age: Option<Duration>,
+) -> (crate::relay::Report, Option<&'static str>)
+where
+    N: crate::net::Net,
+    C: futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin + ?Sized,
+    B: futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin + ?Sized,
+{
+    let idle = limits.idle_timeout_ms.map(Duration::from_millis);
+    if idle.is_none() && max_age.is_none() {
+        // The default: a quiet tunnel is a healthy one, so nothing watches it.
+        return (relay.await, None);
+    }
+    let progress = Arc::new(AtomicU64::new(0));
+    let mut relay = std::pin::pin!(relay.progress(progress.clone()));
+    let ended = futures_lite::future::or(async { Ok(relay.as_mut().await) }, async {
+        Err(watchdog(net, &progress, idle, max_age).await)
+    })
+    .await;
+    match ended {
+        Ok(report) => (report, None),
+        Err(why) => (relay.report_so_far(Ok(())), Some(why)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(last: u8) -> IpAddr {
+        IpAddr::from([10, 0, 0, last])
+    }
+
+    #[test]
+    fn section_per_ip_and_global_limits_refuse_and_give_back() {
+        let now = Instant::now();
+        let global = Global::new(Some(3));
+        let limits = Limits {
+            max_connections: Some(2),
+            max_connections_per_ip: Some(1),
+            ..Limits::default()
+        };
+        let a = Admission::new("a", limits, Some(global.clone()), now);
+        let b = Admission::new("b", Limits::default(), Some(global.clone()), now);
+        let t1 = a.admit(ip(1), now).unwrap();
+        assert_eq!(a.admit(ip(1), now).unwrap_err(), Refused::PerIp);
+        let t2 = a.admit(ip(2), now).unwrap();
+        assert_eq!(a.admit(ip(3), now).unwrap_err(), Refused::Section);
+        let t3 = b.admit(ip(4), now).unwrap();
+        assert_eq!(b.admit(ip(5), now).unwrap_err(), Refused::Global);
+        assert_eq!(
+            global.open.load(Ordering::Relaxed),
+            3,
+            "refusals give back what they took"
+        );
+        drop((t1, t3));
+        assert_eq!(global.open.load(Ordering::Relaxed), 1);
+        let _t4 = a.admit(ip(1), now).expect("its place is free again");
+        drop(t2);
+        assert_eq!(a.open.load(Ordering::Relaxed), 1);
+        assert!(
+            a.per_ip.lock().unwrap().get(&ip(2)).is_none(),
+            "no entry left for a gone client"
+        );
+    }
+
+    #[test]
+    fn max_age_has_up_to_ten_percent_jitter() {
+        let limits = Limits {
+            max_connection_age_ms: Some(10_000),
+            ..Limits::default()
+        };
+        let a = Admission::new("a", limits, None, Instant::now());
+        let ages: Vec<u128> = (0..200)
+            .map(|seed| a.max_age(seed).unwrap().as_millis())
+            .collect();
+        assert!(
+            ages.iter().all(|&ms| (9_000..=10_000).contains(&ms)),
+            "{ages:?}"
+        );
+        let distinct: std::collections::HashSet<_> = ages.iter().collect();
+        assert!(distinct.len() > 100, "spread: {}", distinct.len());
+        assert_eq!(
+            Admission::new("b", Limits::default(), None, Instant::now()).max_age(1),
+            None
+        );
+    }
+}
