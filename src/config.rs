@@ -409,6 +409,8 @@ mod raw {
         pub max_connections_per_ip: Option<Spanned<u64>>,
         pub idle_timeout_ms: Option<Spanned<u64>>,
         pub max_connection_age_ms: Option<Spanned<u64>>,
+        pub accept_proxy_protocol: Option<Spanned<bool>>,
+        pub trusted_proxies: Option<Spanned<Vec<Spanned<String>>>>,
         pub name: Option<Spanned<String>>,
         #[serde(alias = "bind")]
         pub listen: Spanned<String>,
@@ -433,6 +435,8 @@ mod raw {
         pub max_connections_per_ip: Option<Spanned<u64>>,
         pub idle_timeout_ms: Option<Spanned<u64>>,
         pub max_connection_age_ms: Option<Spanned<u64>>,
+        pub accept_proxy_protocol: Option<Spanned<bool>>,
+        pub trusted_proxies: Option<Spanned<Vec<Spanned<String>>>>,
         pub name: Option<Spanned<String>>,
         #[serde(alias = "bind")]
         pub listen: Spanned<String>,
@@ -567,6 +571,12 @@ impl raw::WsRoute {
         }
     }
 }
+
+/// `accept_proxy_protocol` and `trusted_proxies` of one section, borrowed.
+type ProxyFields<'a> = (
+    &'a Option<Spanned<bool>>,
+    &'a Option<Spanned<Vec<Spanned<String>>>>,
+);
 
 /// The balancing fields of one table, borrowed, with a route's own values before its
 /// section's.
@@ -745,6 +755,7 @@ impl Source<'_> {
                 &s.max_connections_per_ip,
                 &s.idle_timeout_ms,
                 &s.max_connection_age_ms,
+                (&s.accept_proxy_protocol, &s.trusted_proxies),
             )?;
             config.tcp_proxy.push(TcpSection {
                 limits,
@@ -780,6 +791,7 @@ impl Source<'_> {
             &s.max_connections_per_ip,
             &s.idle_timeout_ms,
             &s.max_connection_age_ms,
+            (&s.accept_proxy_protocol, &s.trusted_proxies),
         )?;
         let listen = self.listen(seen, &s.listen, &name)?;
         let connect_timeout_ms = self.timeout(
@@ -1245,8 +1257,44 @@ impl Source<'_> {
         per_ip: &Option<Spanned<u64>>,
         idle: &Option<Spanned<u64>>,
         age: &Option<Spanned<u64>>,
+        proxy: ProxyFields<'_>,
     ) -> Result<Limits, Error> {
+        let accept_proxy_protocol = match proxy {
+            (Some(on), trusted) if *on.get_ref() => {
+                let Some(list) = trusted else {
+                    return Err(self.error(
+                        on.span(),
+                        "trusted_proxies",
+                        "accept_proxy_protocol is on but no peer is trusted to send the header",
+                        "list the load balancers' addresses, e.g. trusted_proxies = [\"10.0.0.0/8\"]",
+                    ));
+                };
+                let mut cidrs = Vec::new();
+                for c in list.get_ref() {
+                    let cidr = crate::limit::Cidr::parse(c.get_ref()).map_err(|why| {
+                        self.error(
+                            c.span(),
+                            "trusted_proxies",
+                            &why,
+                            "write an address or a range, e.g. \"10.0.0.0/8\" or \"fd00::/8\"",
+                        )
+                    })?;
+                    cidrs.push(cidr);
+                }
+                Some(crate::limit::AcceptProxy { trusted: cidrs })
+            }
+            (_, Some(list)) => {
+                return Err(self.error(
+                    list.span(),
+                    "trusted_proxies",
+                    "trusted_proxies only applies with accept_proxy_protocol = true",
+                    "set accept_proxy_protocol = true, or remove trusted_proxies",
+                ))
+            }
+            _ => None,
+        };
         Ok(Limits {
+            accept_proxy_protocol,
             max_connections: self.count(max, "max_connections")?,
             max_connections_per_ip: self.count(per_ip, "max_connections_per_ip")?,
             idle_timeout_ms: match idle {

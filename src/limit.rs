@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 type PerIp = Arc<Mutex<HashMap<IpAddr, usize>>>;
 
 /// The limits of one section.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Limits {
     /// Connections open at once through this section.
     pub max_connections: Option<usize>,
@@ -26,6 +26,66 @@ pub struct Limits {
     /// Close a tunnel after this long, whatever it is doing (with up to 10% jitter, so a fleet
     /// of tunnels opened together does not reconnect together).
     pub max_connection_age_ms: Option<u64>,
+    /// Read a PROXY protocol header first, from trusted peers only; `None`: off.
+    pub accept_proxy_protocol: Option<AcceptProxy>,
+}
+
+/// Reading a PROXY protocol header from the load balancer in front (`accept_proxy_protocol`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AcceptProxy {
+    /// Peers allowed to send one (`trusted_proxies`); a connection from anyone else is closed.
+    pub trusted: Vec<Cidr>,
+}
+
+/// An address range, `10.0.0.0/8` or `fd00::/8` (a bare address is a range of one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Parses `addr/prefix` or a bare address.
+    pub fn parse(s: &str) -> Result<Cidr, String> {
+        let (addr, prefix) = s.split_once('/').map_or((s, None), |(a, p)| (a, Some(p)));
+        let addr: IpAddr = addr
+            .trim()
+            .parse()
+            .map_err(|_| format!("{addr:?} is not an IP address"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|&p| p <= max)
+                .ok_or(format!("{p:?} is not a prefix length (0-{max})"))?,
+        };
+        Ok(Cidr { addr, prefix })
+    }
+
+    /// Whether `ip` is in the range; an IPv4-mapped IPv6 address counts as its IPv4 form.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        let bits = |a: IpAddr| match a {
+            IpAddr::V4(v4) => (u128::from(u32::from(v4)) << 96, 32),
+            IpAddr::V6(v6) => (u128::from(v6), 128),
+        };
+        let ((net, width), (host, host_width)) = (bits(self.addr), bits(ip));
+        if width != host_width {
+            return false;
+        }
+        let mask = if self.prefix == 0 {
+            0
+        } else {
+            u128::MAX << (128 - u32::from(self.prefix))
+        };
+        net & mask == host & mask
+    }
 }
 
 /// Which limit refused a connection.
@@ -320,6 +380,33 @@ mod tests {
             a.per_ip.lock().unwrap().get(&ip(2)).is_none(),
             "no entry left for a gone client"
         );
+    }
+
+    #[test]
+    fn address_ranges() {
+        let cases: &[(&str, &str, bool)] = &[
+            ("10.0.0.0/8", "10.1.2.3", true),
+            ("10.0.0.0/8", "11.0.0.1", false),
+            ("10.0.0.0/8", "::ffff:10.9.9.9", true),
+            ("192.168.1.7", "192.168.1.7", true),
+            ("192.168.1.7", "192.168.1.8", false),
+            ("0.0.0.0/0", "203.0.113.9", true),
+            ("fd00::/8", "fd12::1", true),
+            ("fd00::/8", "fe80::1", false),
+            ("::1", "::1", true),
+            ("10.0.0.0/8", "fd00::1", false),
+        ];
+        for &(range, ip, inside) in cases {
+            let cidr = Cidr::parse(range).unwrap();
+            assert_eq!(
+                cidr.contains(ip.parse().unwrap()),
+                inside,
+                "{ip} in {range}"
+            );
+        }
+        for bad in ["10.0.0.0/33", "nope", "10.0.0.0/x", "::/129"] {
+            assert!(Cidr::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

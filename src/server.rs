@@ -200,6 +200,36 @@ where
     tracker.drain(net, drain).await
 }
 
+/// How long a TCP client behind a load balancer has to deliver its PROXY header: the
+/// balancer sends it with the connection, so a few seconds only cover a slow network.
+pub(crate) const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Reads the PROXY protocol header a trusted load balancer sends first: returns the client
+/// address it carries (the peer's own for a LOCAL or UNKNOWN header) and any bytes read past
+/// it, which belong to the stream. A peer outside `accept.trusted`, a malformed header or none
+/// within `limit` is an error, and the caller closes the connection.
+pub(crate) async fn accept_proxy<N: Net, S: futures_lite::AsyncRead + Unpin>(
+    net: &N,
+    stream: &mut S,
+    peer: SocketAddr,
+    accept: &crate::limit::AcceptProxy,
+    limit: Duration,
+) -> Result<(SocketAddr, Vec<u8>), String> {
+    if !accept.trusted.iter().any(|c| c.contains(peer.ip())) {
+        return Err(format!("{peer} is not in trusted_proxies"));
+    }
+    let read = async {
+        crate::proxy_protocol::read_header(stream)
+            .await
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
+    };
+    match crate::net::timeout(net, limit, read).await {
+        Ok((Some((source, _)), rest)) => Ok((source, rest)),
+        Ok((None, rest)) => Ok((peer, rest)),
+        Err(e) => Err(format!("no valid PROXY header from {peer}: {e}")),
+    }
+}
+
 /// Binds `addr` on `net`, naming the address in the error.
 pub(crate) async fn bind<N: Net>(net: &N, addr: &str) -> Result<N::Listener, Error> {
     net.bind(addr).await.map_err(|source| Error::Bind {

@@ -247,6 +247,20 @@ impl Flow {
         peer: SocketAddr,
     ) {
         let started = net.now();
+        // Behind a load balancer, the client is who its PROXY header says.
+        let (peer, early) = match &self.admission.limits().accept_proxy_protocol {
+            None => (peer, Vec::new()),
+            Some(accept) => {
+                let limit = server::PROXY_HEADER_TIMEOUT;
+                match server::accept_proxy(&net, &mut client, peer, accept, limit).await {
+                    Ok(found) => found,
+                    Err(why) => {
+                        warn!("tcp name={} closed: {why}", self.name);
+                        return;
+                    }
+                }
+            }
+        };
         // Over a limit: closed at once (TCP has no way to say why); the refusal is logged,
         // at most once a second.
         let Ok(_ticket) = self.admission.admit(peer.ip(), started) else {
@@ -303,7 +317,7 @@ impl Flow {
         };
         let connect_ms = net.now().duration_since(started).as_millis();
         let max_age = self.admission.max_age(u64::from(peer.port()));
-        let relay = Relay::new(&mut client, &mut upstream);
+        let relay = Relay::new(&mut client, &mut upstream).pending(early, Vec::new());
         let (report, cut) = limit::run_tunnel(&net, relay, self.admission.limits(), max_age).await;
         let ms = net.now().duration_since(started).as_millis();
         info!(

@@ -234,7 +234,7 @@ impl Flow {
         listen_addr: Option<SocketAddr>,
         global: Option<Arc<limit::Global>>,
     ) -> Result<Arc<Flow>, Error> {
-        let admission = limit::Admission::new(&s.name, s.limits, global, net.now());
+        let admission = limit::Admission::new(&s.name, s.limits.clone(), global, net.now());
         let mut flow = Flow::new(s)?;
         flow.admission = admission;
         flow.listen_addr = listen_addr;
@@ -288,7 +288,12 @@ impl Flow {
             return Err(bad("no backends".into()));
         }
         Ok(Flow {
-            admission: limit::Admission::new(&s.name, s.limits, None, std::time::Instant::now()),
+            admission: limit::Admission::new(
+                &s.name,
+                s.limits.clone(),
+                None,
+                std::time::Instant::now(),
+            ),
             name: s.name,
             stop: std::sync::Mutex::new(None),
             listen_addr: None,
@@ -315,9 +320,23 @@ impl Flow {
             down: 0,
             end: String::new(),
         };
+        // Behind a load balancer, the client is who its PROXY header says.
+        let (peer, early) = match &self.admission.limits().accept_proxy_protocol {
+            None => (peer, Vec::new()),
+            Some(accept) => {
+                let limit = self.read_timeout;
+                match server::accept_proxy(&net, &mut client, peer, accept, limit).await {
+                    Ok(found) => found,
+                    Err(why) => {
+                        warn!("ws name={} closed: {why}", self.name);
+                        return;
+                    }
+                }
+            }
+        };
         let admitted = self.admission.admit(peer.ip(), started);
         let outcome = match &admitted {
-            Ok(_) => self.upgrade(&net, &mut client, peer, &mut log).await,
+            Ok(_) => self.upgrade(&net, &mut client, peer, early, &mut log).await,
             Err(_) => Err(Ended::Answered {
                 status: 503,
                 bytes: handshake::response(
@@ -397,24 +416,32 @@ impl Flow {
         net: &N,
         client: &mut N::Stream,
         peer: SocketAddr,
+        early: Vec<u8>,
         log: &mut Access,
     ) -> Result<(N::Stream, Vec<u8>, Lease), Ended> {
-        let head =
-            match net::timeout(net, self.read_timeout, read_head(client, self.max_head)).await {
-                Ok(head) => head,
-                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                    return Err(Ended::Refused(Refusal::RequestTimeout))
-                }
-                Err(e) if e.kind() == io::ErrorKind::InvalidData => {
-                    return Err(Ended::Refused(Refusal::HeadTooLarge))
-                }
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                    return Err(Ended::Quietly(
-                        "client closed before its request head ended".into(),
-                    ))
-                }
-                Err(e) => return Err(Ended::Quietly(format!("client error: {e}"))),
-            };
+        // Bytes that came behind a PROXY header are the start of the request head.
+        let mut reader = futures_lite::io::Cursor::new(early).chain(&mut *client);
+        let head = match net::timeout(
+            net,
+            self.read_timeout,
+            read_head(&mut reader, self.max_head),
+        )
+        .await
+        {
+            Ok(head) => head,
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                return Err(Ended::Refused(Refusal::RequestTimeout))
+            }
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                return Err(Ended::Refused(Refusal::HeadTooLarge))
+            }
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                return Err(Ended::Quietly(
+                    "client closed before its request head ended".into(),
+                ))
+            }
+            Err(e) => return Err(Ended::Quietly(format!("client error: {e}"))),
+        };
         let request = match handshake::parse_request(&head.bytes).map_err(Ended::Refused)? {
             Incoming::Upgrade(request) => request,
             Incoming::PlainGet(r) => {

@@ -150,3 +150,125 @@ fn a_tunnel_is_closed_at_max_connection_age_within_its_jitter() {
         "{lived:?}"
     );
 }
+
+/// A WebSocket backend that answers every upgrade and reports the X-Forwarded-For it saw.
+fn xff_backend() -> (SocketAddr, std::sync::mpsc::Receiver<String>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().map_while(Result::ok) {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut s = stream;
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && s.read_exact(&mut byte).is_ok() {
+                    head.push(byte[0]);
+                }
+                let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                let header = |name: &str| {
+                    text.lines()
+                        .find_map(|l| {
+                            l.strip_prefix(&format!("{name}: "))
+                                .map(|v| v.trim().to_string())
+                        })
+                        .unwrap_or_default()
+                };
+                let _ = tx.send(header("x-forwarded-for"));
+                // Base64 is case-sensitive: the key comes from the head as sent.
+                let raw = String::from_utf8_lossy(&head).to_string();
+                let key = raw
+                    .lines()
+                    .find(|l| l.to_ascii_lowercase().starts_with("sec-websocket-key:"))
+                    .map(|l| l[18..].trim().to_string())
+                    .unwrap_or_default();
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                     Sec-WebSocket-Accept: {}\r\n\r\n",
+                    portcullis::handshake::accept_key(&key)
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            });
+        }
+    });
+    (addr, rx)
+}
+
+const UPGRADE: &str = "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                       Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+
+#[test]
+fn behind_a_trusted_balancer_the_proxy_header_gives_the_client_address_v1_and_v2() {
+    let (backend, seen) = xff_backend();
+    let proxy = serve(&format!(
+        "[[ws_proxy]]\nlisten = \"127.0.0.1:0\"\naccept_proxy_protocol = true\n\
+         trusted_proxies = [\"127.0.0.0/8\"]\nbackends = [\"{backend}\"]\n"
+    ));
+    let client: SocketAddr = "203.0.113.7:5555".parse().unwrap();
+    let dest: SocketAddr = "10.0.0.1:80".parse().unwrap();
+    for version in [
+        portcullis::proxy_protocol::Version::V1,
+        portcullis::proxy_protocol::Version::V2,
+    ] {
+        let mut s = connect(proxy);
+        let mut first = portcullis::proxy_protocol::encode(version, client, dest);
+        first.extend_from_slice(UPGRADE.as_bytes());
+        s.write_all(&first).unwrap();
+        let mut status = [0u8; 12];
+        s.read_exact(&mut status).unwrap();
+        assert_eq!(&status, b"HTTP/1.1 101", "{version:?}");
+        assert_eq!(
+            seen.recv_timeout(Duration::from_secs(5)).unwrap(),
+            "203.0.113.7",
+            "{version:?}"
+        );
+    }
+}
+
+#[test]
+fn a_tcp_stream_behind_a_proxy_header_reaches_the_backend_without_it() {
+    let proxy = serve(&format!(
+        "[[tcp_proxy]]\nlisten = \"127.0.0.1:0\"\naccept_proxy_protocol = true\n\
+         trusted_proxies = [\"127.0.0.1\"]\nbackends = [\"{}\"]\n",
+        echo_backend()
+    ));
+    let mut s = connect(proxy);
+    s.write_all(b"PROXY TCP4 203.0.113.7 10.0.0.1 5555 80\r\nhello after the header")
+        .unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"hello after the header");
+}
+
+#[test]
+fn untrusted_peers_and_malformed_headers_are_closed() {
+    let backend = echo_backend();
+    let untrusted = serve(&format!(
+        "[[tcp_proxy]]\nlisten = \"127.0.0.1:0\"\naccept_proxy_protocol = true\n\
+         trusted_proxies = [\"10.0.0.0/8\"]\nbackends = [\"{backend}\"]\n"
+    ));
+    let trusted = serve(&format!(
+        "[[tcp_proxy]]\nlisten = \"127.0.0.1:0\"\naccept_proxy_protocol = true\n\
+         trusted_proxies = [\"127.0.0.0/8\"]\nbackends = [\"{backend}\"]\n"
+    ));
+    for (proxy, first) in [
+        (
+            untrusted,
+            &b"PROXY TCP4 203.0.113.7 10.0.0.1 5555 80\r\nhi"[..],
+        ),
+        (trusted, &b"GET / HTTP/1.1\r\n\r\n"[..]),
+        (trusted, &b"PROXY TCP4 999.0.113.7 10.0.0.1 5555 80\r\n"[..]),
+    ] {
+        let mut s = connect(proxy);
+        let _ = s.write_all(first);
+        let mut buf = [0u8; 64];
+        assert!(
+            matches!(s.read(&mut buf), Ok(0) | Err(_)),
+            "{:?} must be closed",
+            String::from_utf8_lossy(first)
+        );
+    }
+}
