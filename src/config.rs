@@ -67,6 +67,10 @@ pub struct Config {
     pub drain_timeout_ms: u64,
     /// Connections open at once in the whole process (`max_connections`, top level).
     pub max_connections: Option<usize>,
+    /// Access lines as JSON objects rather than `key=value` text (`log_format = "json"`).
+    pub log_json: bool,
+    /// A line when a tunnel opens too, not only when it ends (`log_open`).
+    pub log_open: bool,
 }
 
 /// One backend of a section or route: `"host:port"`, or a table with `address` and options.
@@ -392,6 +396,8 @@ mod raw {
     pub(super) struct File {
         pub drain_timeout_ms: Option<Spanned<u64>>,
         pub max_connections: Option<Spanned<u64>>,
+        pub log_format: Option<Spanned<String>>,
+        pub log_open: Option<bool>,
         #[serde(default)]
         pub tcp_proxy: Vec<Spanned<TcpSection>>,
         #[serde(default)]
@@ -722,16 +728,28 @@ impl Source<'_> {
 
     fn validate(&self, raw: raw::File) -> Result<Config, Error> {
         let mut seen = Seen::default();
-        let mut config = Config {
-            tcp_proxy: Vec::new(),
-            ws_proxy: Vec::new(),
-            max_connections: self.count(&raw.max_connections, "max_connections")?,
-            // 0 is allowed: close every connection at once on shutdown.
-            drain_timeout_ms: raw
-                .drain_timeout_ms
-                .as_ref()
-                .map_or(crate::tcp::DEFAULT_DRAIN_TIMEOUT_MS, |v| *v.get_ref()),
-        };
+        let mut config =
+            Config {
+                tcp_proxy: Vec::new(),
+                ws_proxy: Vec::new(),
+                max_connections: self.count(&raw.max_connections, "max_connections")?,
+                log_json: match raw.log_format.as_ref().map(|f| (f, f.get_ref().as_str())) {
+                    None | Some((_, "text")) => false,
+                    Some((_, "json")) => true,
+                    Some((f, other)) => return Err(self.error(
+                        f.span(),
+                        "log_format",
+                        &format!("{other:?} is not a log format"),
+                        "use \"text\" (key=value, the default) or \"json\" (one object per line)",
+                    )),
+                },
+                log_open: raw.log_open.unwrap_or(false),
+                // 0 is allowed: close every connection at once on shutdown.
+                drain_timeout_ms: raw
+                    .drain_timeout_ms
+                    .as_ref()
+                    .map_or(crate::tcp::DEFAULT_DRAIN_TIMEOUT_MS, |v| *v.get_ref()),
+            };
         for (i, section) in raw.tcp_proxy.into_iter().enumerate() {
             let span = section.span();
             let s = section.into_inner();

@@ -59,9 +59,136 @@ macro_rules! log_warn {
 
 pub(crate) use {info, log_warn as warn};
 
+/// Access lines as JSON objects (`log_format = "json"`) rather than `key=value` text.
+static JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A line when a tunnel opens too (`log_open = true`), not only when it ends.
+static LOG_OPEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Sets the process-wide access-log options.
+pub(crate) fn configure(json: bool, log_open: bool) {
+    JSON.store(json, std::sync::atomic::Ordering::Relaxed);
+    LOG_OPEN.store(log_open, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// What one connection did, for its access-log line.
+#[derive(Debug, Default)]
+pub(crate) struct Access {
+    /// `tcp` or `ws`.
+    pub kind: &'static str,
+    /// The section's name.
+    pub section: String,
+    /// The WebSocket route's path prefix.
+    pub route: Option<String>,
+    /// The client, as its PROXY header says when there is one.
+    pub client: Option<std::net::SocketAddr>,
+    /// The backend that served it, if any.
+    pub backend: Option<String>,
+    /// The WebSocket request target.
+    pub path: Option<String>,
+    /// The HTTP status the client got (WebSocket).
+    pub status: Option<u16>,
+    /// Bytes to the backend and to the client.
+    pub up: u64,
+    pub down: u64,
+    /// Time to a connected (and, for WebSocket, upgraded) backend.
+    pub connect_ms: Option<u128>,
+    pub duration_ms: u128,
+    /// How it ended: `client closed`, `backend closed`, `idle timeout`, `refused: …`, ….
+    pub end: String,
+}
+
+impl Access {
+    /// Writes the line for a connection that ended.
+    pub(crate) fn closed(&self) {
+        self.write("closed");
+    }
+
+    /// Writes the line for a tunnel that just opened, when `log_open` is on.
+    pub(crate) fn opened(&self) {
+        if LOG_OPEN.load(std::sync::atomic::Ordering::Relaxed) {
+            self.write("opened");
+        }
+    }
+
+    fn write(&self, event: &str) {
+        let mut fields: Vec<(&str, String, bool)> = vec![
+            ("event", event.to_string(), true),
+            ("kind", self.kind.to_string(), true),
+            ("section", self.section.clone(), true),
+        ];
+        let mut opt = |name, value: Option<String>, quoted| {
+            if let Some(v) = value {
+                fields.push((name, v, quoted));
+            }
+        };
+        opt("route", self.route.clone(), true);
+        opt("client", self.client.map(|c| c.to_string()), true);
+        opt("backend", self.backend.clone(), true);
+        opt("path", self.path.clone(), true);
+        opt("status", self.status.map(|s| s.to_string()), false);
+        fields.push(("up", self.up.to_string(), false));
+        fields.push(("down", self.down.to_string(), false));
+        if let Some(c) = self.connect_ms {
+            fields.push(("connect_ms", c.to_string(), false));
+        }
+        fields.push(("duration_ms", self.duration_ms.to_string(), false));
+        if event == "closed" {
+            fields.push(("end", self.end.clone(), true));
+        }
+        if JSON.load(std::sync::atomic::Ordering::Relaxed) {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default();
+            let mut out = format!("{{\"time\":\"{}\"", Timestamp(now.as_millis() as u64));
+            for (name, value, quoted) in &fields {
+                if *quoted {
+                    out += &format!(",\"{name}\":\"{}\"", json_escape(value));
+                } else {
+                    out += &format!(",\"{name}\":{value}");
+                }
+            }
+            out += "}\n";
+            eprint!("{out}");
+        } else {
+            let mut out = String::from("access");
+            for (name, value, _) in &fields {
+                if value.contains([' ', '"']) || value.is_empty() {
+                    out += &format!(" {name}=\"{}\"", value.replace('"', "'"));
+                } else {
+                    out += &format!(" {name}={value}");
+                }
+            }
+            line("INFO", format_args!("{out}"));
+        }
+    }
+}
+
+/// `s` with JSON's string escapes.
+fn json_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '"' => out += "\\\"",
+            '\\' => out += "\\\\",
+            '\n' => out += "\\n",
+            '\r' => out += "\\r",
+            '\t' => out += "\\t",
+            c if (c as u32) < 0x20 => out += &format!("\\u{:04x}", c as u32),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_strings_are_escaped() {
+        assert_eq!(json_escape("a\"b\\c\nd\u{1}"), "a\\\"b\\\\c\\nd\\u0001");
+    }
 
     #[test]
     fn timestamps_are_rfc3339_utc() {

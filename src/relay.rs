@@ -51,6 +51,8 @@ pub struct Report {
     /// `Ok` when both directions ended with a close; otherwise the first failure and whose
     /// socket it was on.
     pub result: Result<(), (Side, io::Error)>,
+    /// Which peer closed its side first (sent end of file), if either did.
+    pub first_to_close: Option<Side>,
 }
 
 /// One direction of the relay: reads from one peer, writes to the other.
@@ -191,6 +193,8 @@ pub struct Relay<'a, C: ?Sized, B: ?Sized> {
     down: Direction,
     /// Where the total of bytes moved is published, for an idle timeout watching from outside.
     progress: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+    /// Which peer closed first.
+    first_to_close: Option<Side>,
 }
 
 impl<'a, C, B> Relay<'a, C, B>
@@ -206,6 +210,7 @@ where
             up: Direction::default(),
             down: Direction::default(),
             progress: None,
+            first_to_close: None,
         }
     }
 
@@ -235,6 +240,7 @@ where
             client_to_backend: self.up.moved,
             backend_to_client: self.down.moved,
             result,
+            first_to_close: self.first_to_close,
         }
     }
 }
@@ -249,13 +255,23 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Report> {
         let this = self.get_mut();
         let polled = this.poll_both(cx);
+        if this.first_to_close.is_none() {
+            if this.up.eof {
+                this.first_to_close = Some(Side::Client);
+            } else if this.down.eof {
+                this.first_to_close = Some(Side::Backend);
+            }
+        }
         if let Some(p) = &this.progress {
             p.store(
                 this.up.moved + this.down.moved,
                 std::sync::atomic::Ordering::Relaxed,
             );
         }
-        polled
+        polled.map(|mut report| {
+            report.first_to_close = this.first_to_close;
+            report
+        })
     }
 }
 

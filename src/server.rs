@@ -327,6 +327,7 @@ pub fn run_reloading(
     block_on(|net| async move {
         let tracker = Arc::new(Tracker::default());
         let mut drain = config.drain_timeout_ms;
+        crate::log::configure(config.log_json, config.log_open);
         // The process-wide cap is read at start-up; a reload does not change it.
         let global = crate::limit::Global::new(config.max_connections);
         // Bind everything first, then start: a busy address fails start-up as a whole.
@@ -356,6 +357,7 @@ pub fn run_reloading(
                 }
             };
             drain = config.drain_timeout_ms;
+            crate::log::configure(config.log_json, config.log_open);
             let sections = Section::all(config);
             live.retain(|l| {
                 let kept = sections.iter().any(|s| s.key() == l.section.key());

@@ -12,7 +12,7 @@ use crate::balancer::{self, Balance, Pool, Retry};
 use crate::config::{BackendConfig, Balancing, TcpSection};
 use crate::health;
 use crate::limit;
-use crate::log::{info, warn};
+use crate::log::{info, warn, Access};
 use crate::net;
 use crate::net::Net;
 use crate::policy;
@@ -302,32 +302,34 @@ impl Flow {
                 }
             }
         }
+        let mut access = Access {
+            kind: "tcp",
+            section: self.name.clone(),
+            client: Some(peer),
+            ..Access::default()
+        };
         let Some((mut upstream, lease)) = connected else {
-            let ms = net.now().duration_since(started).as_millis();
-            let why = if attempts.leased() == 0 {
+            access.duration_ms = net.now().duration_since(started).as_millis();
+            access.end = if attempts.leased() == 0 {
                 "no backend available"
             } else {
                 "every backend tried failed"
-            };
-            info!(
-                "tcp name={} client={peer} backend=- up=0 down=0 duration_ms={ms} end=\"{why}\"",
-                self.name
-            );
+            }
+            .to_string();
+            access.closed();
             return;
         };
-        let connect_ms = net.now().duration_since(started).as_millis();
+        access.backend = Some(lease.backend().to_string());
+        access.connect_ms = Some(net.now().duration_since(started).as_millis());
+        access.opened();
         let max_age = self.admission.max_age(u64::from(peer.port()));
         let relay = Relay::new(&mut client, &mut upstream).pending(early, Vec::new());
         let (report, cut) = limit::run_tunnel(&net, relay, self.admission.limits(), max_age).await;
-        let ms = net.now().duration_since(started).as_millis();
-        info!(
-            "tcp name={} client={peer} backend={} up={} down={} connect_ms={connect_ms} duration_ms={ms} end={}",
-            self.name,
-            lease.backend(),
-            report.client_to_backend,
-            report.backend_to_client,
-            cut.map_or_else(|| ending(&report), |why| format!("\"{why}\"")),
-        );
+        access.duration_ms = net.now().duration_since(started).as_millis();
+        access.up = report.client_to_backend;
+        access.down = report.backend_to_client;
+        access.end = cut.map_or_else(|| ending(&report), str::to_string);
+        access.closed();
     }
 }
 
@@ -343,11 +345,12 @@ pub(crate) fn client_ip_key(ip: std::net::IpAddr) -> u64 {
     }
 }
 
-/// How a relay ended, for the access log: `closed` when both sides closed in turn, otherwise
-/// which side failed and why.
+/// How a relay ended, for the access log: which side closed first (`client closed`,
+/// `backend closed`), or which side failed and the kind of failure.
 pub(crate) fn ending(report: &Report) -> String {
-    match &report.result {
-        Ok(()) => "closed".to_string(),
-        Err((side, e)) => format!("\"{side} error: {e}\""),
+    match (&report.result, report.first_to_close) {
+        (Ok(()), Some(side)) => format!("{side} closed"),
+        (Ok(()), None) => "closed".to_string(),
+        (Err((side, e)), _) => format!("{side} error: {}", e.kind()),
     }
 }

@@ -19,7 +19,7 @@ use crate::config::{self, WsRoute, WsSection};
 use crate::handshake::{self, ForwardOptions, Head, HeadError, Incoming, Refusal, Response};
 use crate::health;
 use crate::limit;
-use crate::log::{info, warn};
+use crate::log::{info, warn, Access};
 use crate::net::{self, Net};
 use crate::policy;
 use crate::proxy_protocol;
@@ -313,12 +313,10 @@ impl Flow {
     ) {
         let started = net.now();
         let mut log = Access {
-            path: "-".into(),
-            backend: "-".into(),
-            status: 0,
-            up: 0,
-            down: 0,
-            end: String::new(),
+            kind: "ws",
+            section: self.name.clone(),
+            client: Some(peer),
+            ..Access::default()
         };
         // Behind a load balancer, the client is who its PROXY header says.
         let (peer, early) = match &self.admission.limits().accept_proxy_protocol {
@@ -334,6 +332,7 @@ impl Flow {
                 }
             }
         };
+        log.client = Some(peer);
         let admitted = self.admission.admit(peer.ip(), started);
         let outcome = match &admitted {
             Ok(_) => self.upgrade(&net, &mut client, peer, early, &mut log).await,
@@ -349,31 +348,30 @@ impl Flow {
         };
         match outcome {
             Ok((mut upstream, to_client, _lease)) => {
+                log.connect_ms = Some(net.now().duration_since(started).as_millis());
+                log.opened();
                 let max_age = self.admission.max_age(u64::from(peer.port()));
                 let relay = Relay::new(&mut client, &mut upstream).pending(Vec::new(), to_client);
                 let (report, cut) =
                     limit::run_tunnel(&net, relay, self.admission.limits(), max_age).await;
                 log.up += report.client_to_backend;
                 log.down = report.backend_to_client;
-                log.end = cut.map_or_else(|| ending(&report), |why| format!("\"{why}\""));
+                log.end = cut.map_or_else(|| ending(&report), str::to_string);
             }
             Err(Ended::Refused(refusal)) => {
-                log.status = refusal.status();
-                log.end = format!("\"refused: {refusal}\"");
+                log.status = Some(refusal.status());
+                log.end = format!("refused: {refusal}");
                 self.answer(&net, &mut client, &refusal.to_bytes()).await;
             }
             Err(Ended::Answered { status, bytes, why }) => {
-                log.status = status;
-                log.end = format!("\"{why}\"");
+                log.status = Some(status);
+                log.end = why;
                 self.answer(&net, &mut client, &bytes).await;
             }
-            Err(Ended::Quietly(why)) => log.end = format!("\"{why}\""),
+            Err(Ended::Quietly(why)) => log.end = why,
         }
-        let ms = net.now().duration_since(started).as_millis();
-        info!(
-            "ws name={} client={peer} path={} backend={} status={} up={} down={} duration_ms={ms} end={}",
-            self.name, log.path, log.backend, log.status, log.up, log.down, log.end
-        );
+        log.duration_ms = net.now().duration_since(started).as_millis();
+        log.closed();
     }
 
     /// Sends a response the client gets instead of a tunnel, then closes. A client that never
@@ -445,7 +443,7 @@ impl Flow {
         let request = match handshake::parse_request(&head.bytes).map_err(Ended::Refused)? {
             Incoming::Upgrade(request) => request,
             Incoming::PlainGet(r) => {
-                log.path = r.target().to_string();
+                log.path = Some(r.target().to_string());
                 return Err(match &self.health_path {
                     Some(p) if p == r.path() => Ended::Answered {
                         status: 200,
@@ -456,7 +454,7 @@ impl Flow {
                 });
             }
         };
-        log.path = request.target().to_string();
+        log.path = Some(request.target().to_string());
         let route = route::find(&self.routes, request.host(), request.target(), |r| {
             &r.config
         })
@@ -470,6 +468,7 @@ impl Flow {
             }
         }
         log.up = head.rest.len() as u64;
+        log.route = Some(route.config.path.clone());
 
         let key = hash_key(&route.config.balancing.hash_key, &request, peer);
         let mut attempts = route.pool.attempts(Some(key), route.retry, net.now());
@@ -479,7 +478,7 @@ impl Flow {
         while let Some(mut lease) = attempts.next(net.now()) {
             let backend = lease.backend().addr().to_string();
             let backend_ref = lease.backend();
-            log.backend = backend.clone();
+            log.backend = Some(backend.clone());
             let target =
                 route::backend_target(&route.config, lease.backend().path(), request.target());
             let sent = handshake::forward(&request, &target, &backend, peer.ip(), &route.forward)
@@ -556,7 +555,7 @@ impl Flow {
             return match sent.check_response(&answer.bytes) {
                 Ok(Response::Accepted) => {
                     lease.succeeded();
-                    log.status = 101;
+                    log.status = Some(101);
                     let mut to_client = answer.bytes;
                     to_client.extend_from_slice(&answer.rest);
                     Ok((upstream, to_client, lease))
@@ -684,14 +683,4 @@ enum Ended {
     },
     /// Nothing to tell the client (it left, or its socket failed).
     Quietly(String),
-}
-
-/// The fields of the access-log line.
-struct Access {
-    path: String,
-    backend: String,
-    status: u16,
-    up: u64,
-    down: u64,
-    end: String,
 }

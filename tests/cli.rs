@@ -27,6 +27,8 @@ struct Running {
     child: Child,
     /// Later `listening` lines (after a reload).
     lines: mpsc::Receiver<(String, String)>,
+    /// Every line it wrote to stderr so far.
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     /// The name and address of each `listening` line, in the order they were printed
     /// (sections start concurrently, so that order is not the file's).
     addrs: Vec<(String, SocketAddr)>,
@@ -74,8 +76,11 @@ fn start(args: &[&str], listeners: usize) -> Running {
         .expect("start portcullis");
     let stderr = child.stderr.take().expect("stderr");
     let (tx, rx) = mpsc::channel();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log2 = log.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            log2.lock().unwrap().push(line.clone());
             let field = |key: &str| {
                 let value = line.split(&format!(" {key}=")).nth(1)?;
                 Some(value.split_whitespace().next().unwrap_or("").to_string())
@@ -93,6 +98,7 @@ fn start(args: &[&str], listeners: usize) -> Running {
     let mut running = Running {
         child,
         lines: rx,
+        log,
         addrs: Vec::new(),
     };
     for _ in 0..listeners {
@@ -476,4 +482,57 @@ fn the_process_wide_max_connections_counts_every_section() {
         b"now",
         "a freed place serves again"
     );
+}
+
+#[test]
+fn the_access_log_has_the_byte_counts_of_a_known_connection_in_text_and_json() {
+    let backend = echo_backend();
+    for format in ["text", "json"] {
+        let file = config_file(
+            &format!("access-{format}.toml"),
+            &format!(
+                "log_format = \"{format}\"\nlog_open = true\n\n\
+                 [[tcp_proxy]]\nname = \"known\"\nlisten = \"127.0.0.1:0\"\nbackends = [\"{backend}\"]\n"
+            ),
+        );
+        let proxy = start(&["--config", file.to_str().unwrap()], 1);
+        assert_eq!(
+            echo_through(proxy.addr("known"), b"twelve bytes"),
+            b"twelve bytes"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        let log = proxy.log.lock().unwrap().clone();
+        let pick = |event: &str| {
+            log.iter()
+                .find(|l| match format {
+                    "json" => l.starts_with('{') && l.contains(&format!("\"event\":\"{event}\"")),
+                    _ => l.contains(&format!(" access event={event} ")),
+                })
+                .unwrap_or_else(|| panic!("{format}: no {event} line in {log:#?}"))
+                .clone()
+        };
+        let (opened, closed) = (pick("opened"), pick("closed"));
+        let want: &[&str] = match format {
+            "json" => &[
+                "\"kind\":\"tcp\"",
+                "\"section\":\"known\"",
+                &format!("\"backend\":\"{backend}\""),
+                "\"up\":12",
+                "\"down\":12",
+                "\"end\":\"client closed\"",
+            ],
+            _ => &[
+                "kind=tcp",
+                "section=known",
+                &format!("backend={backend}"),
+                " up=12 ",
+                " down=12 ",
+                "end=\"client closed\"",
+            ],
+        };
+        for w in want {
+            assert!(closed.contains(w), "{format}: {w} not in {closed}");
+        }
+        assert!(opened.contains("connect_ms"), "{opened}");
+    }
 }
