@@ -167,6 +167,8 @@ pub struct TcpSection {
     pub send_proxy_protocol: Option<ProxyVersion>,
     /// Connection limits and tunnel timeouts.
     pub limits: Limits,
+    /// Listen with `SO_REUSEPORT`, so several processes can share the port (`reuse_port`).
+    pub reuse_port: bool,
 }
 
 /// One `[[ws_proxy]]` section: a listener for WebSocket upgrades.
@@ -188,6 +190,8 @@ pub struct WsSection {
     pub health_path: Option<String>,
     /// Connection limits and tunnel timeouts.
     pub limits: Limits,
+    /// Listen with `SO_REUSEPORT`, so several processes can share the port (`reuse_port`).
+    pub reuse_port: bool,
     /// The routes in file order; the section's own `backends`, if any, come last as a
     /// catch-all route (path `/`, any host).
     pub routes: Vec<WsRoute>,
@@ -416,6 +420,7 @@ mod raw {
         pub idle_timeout_ms: Option<Spanned<u64>>,
         pub max_connection_age_ms: Option<Spanned<u64>>,
         pub accept_proxy_protocol: Option<Spanned<bool>>,
+        pub reuse_port: Option<bool>,
         pub trusted_proxies: Option<Spanned<Vec<Spanned<String>>>>,
         pub name: Option<Spanned<String>>,
         #[serde(alias = "bind")]
@@ -442,6 +447,7 @@ mod raw {
         pub idle_timeout_ms: Option<Spanned<u64>>,
         pub max_connection_age_ms: Option<Spanned<u64>>,
         pub accept_proxy_protocol: Option<Spanned<bool>>,
+        pub reuse_port: Option<bool>,
         pub trusted_proxies: Option<Spanned<Vec<Spanned<String>>>>,
         pub name: Option<Spanned<String>>,
         #[serde(alias = "bind")]
@@ -776,6 +782,7 @@ impl Source<'_> {
                 (&s.accept_proxy_protocol, &s.trusted_proxies),
             )?;
             config.tcp_proxy.push(TcpSection {
+                reuse_port: s.reuse_port.unwrap_or(false),
                 limits,
                 name,
                 listen,
@@ -903,6 +910,7 @@ impl Source<'_> {
             None => {}
         }
         Ok(WsSection {
+            reuse_port: s.reuse_port.unwrap_or(false),
             limits,
             name,
             listen,
@@ -1571,6 +1579,7 @@ mod tests {
                 health_check: None,
                 send_proxy_protocol: None,
                 limits: Limits::default(),
+                reuse_port: false,
             }]
         );
         assert_eq!(c.ws_proxy[0].name, "ws-1");

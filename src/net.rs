@@ -114,6 +114,31 @@ pub struct SmolNet {
 }
 
 impl SmolNet {
+    /// Binds `addr` with `SO_REUSEPORT` (and `SO_REUSEADDR`), so several processes can listen
+    /// on one port and the kernel spreads connections over them: a rolling restart with no
+    /// moment where the port is closed.
+    #[cfg(unix)]
+    pub fn bind_reuse_port(&self, addr: &str) -> io::Result<SmolListener> {
+        use rustix::net::{sockopt, AddressFamily, SocketFlags, SocketType};
+        use std::net::ToSocketAddrs;
+        let sa = addr.to_socket_addrs()?.next().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, "the address resolves to nothing")
+        })?;
+        let family = if sa.is_ipv4() {
+            AddressFamily::INET
+        } else {
+            AddressFamily::INET6
+        };
+        let fd = rustix::net::socket_with(family, SocketType::STREAM, SocketFlags::CLOEXEC, None)?;
+        sockopt::set_socket_reuseaddr(&fd, true)?;
+        sockopt::set_socket_reuseport(&fd, true)?;
+        rustix::net::bind(&fd, &sa)?;
+        // The backlog the kernel caps anyway (somaxconn); a proxy wants every SYN it can hold.
+        rustix::net::listen(&fd, 4096)?;
+        let listener = std::net::TcpListener::from(fd);
+        async_net::TcpListener::try_from(listener).map(SmolListener)
+    }
+
     /// A runtime that spawns connection tasks onto `executor`.
     pub fn new(executor: Arc<smol::Executor<'static>>) -> Self {
         SmolNet { executor }

@@ -333,7 +333,7 @@ pub fn run_reloading(
         // Bind everything first, then start: a busy address fails start-up as a whole.
         let mut bound = Vec::new();
         for section in Section::all(config) {
-            bound.push((bind(&net, section.listen()).await?, section));
+            bound.push((bind_section(&net, &section).await?, section));
         }
         let mut live = Vec::new();
         for (listener, section) in bound {
@@ -381,7 +381,7 @@ pub fn run_reloading(
                         Err(e) => warn!("reload: keeping the old settings: {e}"),
                     },
                     None => {
-                        let started = match bind(&net, section.listen()).await {
+                        let started = match bind_section(&net, &section).await {
                             Ok(listener) => Live::start(&net, listener, section, &tracker, &global),
                             Err(e) => Err(e),
                         };
@@ -403,6 +403,19 @@ pub fn run_reloading(
     })
 }
 
+/// Binds a section's listener, with `SO_REUSEPORT` when it asks for it.
+async fn bind_section(net: &SmolNet, section: &Section) -> Result<SmolListener, Error> {
+    let addr = section.listen();
+    #[cfg(unix)]
+    if section.reuse_port() {
+        return net.bind_reuse_port(addr).map_err(|source| Error::Bind {
+            addr: addr.to_string(),
+            source,
+        });
+    }
+    bind(net, addr).await
+}
+
 /// One section of either kind, as the supervisor compares them across reloads.
 #[derive(Debug, Clone, PartialEq)]
 enum Section {
@@ -421,6 +434,13 @@ impl Section {
         match self {
             Section::Tcp(s) => &s.listen,
             Section::Ws(s) => &s.listen,
+        }
+    }
+
+    fn reuse_port(&self) -> bool {
+        match self {
+            Section::Tcp(s) => s.reuse_port,
+            Section::Ws(s) => s.reuse_port,
         }
     }
 

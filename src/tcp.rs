@@ -88,6 +88,7 @@ impl TcpProxy {
             health_check: None,
             send_proxy_protocol: None,
             limits: crate::limit::Limits::default(),
+            reuse_port: false,
         })
     }
 

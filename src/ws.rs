@@ -89,6 +89,7 @@ impl WsProxy {
             max_request_head_bytes: config::DEFAULT_MAX_REQUEST_HEAD_BYTES,
             health_path: None,
             limits: crate::limit::Limits::default(),
+            reuse_port: false,
             routes: vec![route],
         })
     }

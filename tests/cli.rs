@@ -536,3 +536,42 @@ fn the_access_log_has_the_byte_counts_of_a_known_connection_in_text_and_json() {
         assert!(opened.contains("connect_ms"), "{opened}");
     }
 }
+
+#[test]
+fn reuse_port_lets_two_processes_share_a_port_and_without_it_the_second_fails() {
+    let backend = echo_backend();
+    // A free port: taken from a listener dropped at once (nothing else binds it deliberately).
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let file = |reuse: bool| {
+        config_file(
+            &format!("reuse-{reuse}.toml"),
+            &format!(
+                "[[tcp_proxy]]\nname = \"shared\"\nlisten = \"127.0.0.1:{port}\"\nreuse_port = {reuse}\n\
+                 backends = [\"{backend}\"]\n"
+            ),
+        )
+    };
+    let shared = file(true);
+    let first = start(&["--config", shared.to_str().unwrap()], 1);
+    let second = start(&["--config", shared.to_str().unwrap()], 1);
+    for _ in 0..10 {
+        assert_eq!(echo_through(first.addr("shared"), b"either"), b"either");
+    }
+    drop(first);
+    assert_eq!(
+        echo_through(second.addr("shared"), b"still served"),
+        b"still served"
+    );
+
+    let alone = file(false);
+    let (code, _, err) = run(&["--config", alone.to_str().unwrap()]);
+    assert_eq!(code, 1, "without reuse_port the port is taken: {err}");
+    assert!(
+        err.contains(&format!("cannot listen on 127.0.0.1:{port}")),
+        "{err}"
+    );
+}
