@@ -71,6 +71,8 @@ pub struct Config {
     pub log_json: bool,
     /// A line when a tunnel opens too, not only when it ends (`log_open`).
     pub log_open: bool,
+    /// Where the admin endpoint listens (`[admin] listen`): `/metrics`, `/healthz`, `/readyz`.
+    pub admin_listen: Option<String>,
 }
 
 /// One backend of a section or route: `"host:port"`, or a table with `address` and options.
@@ -402,6 +404,7 @@ mod raw {
         pub max_connections: Option<Spanned<u64>>,
         pub log_format: Option<Spanned<String>>,
         pub log_open: Option<bool>,
+        pub admin: Option<Spanned<Admin>>,
         #[serde(default)]
         pub tcp_proxy: Vec<Spanned<TcpSection>>,
         #[serde(default)]
@@ -479,6 +482,13 @@ mod raw {
         pub resolve_interval_ms: Option<Spanned<u64>>,
         pub health_check: Option<Spanned<HealthCheck>>,
         pub send_proxy_protocol: Option<Spanned<String>>,
+    }
+
+    /// `[admin]`.
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct Admin {
+        pub listen: Spanned<String>,
     }
 
     /// `[*.health_check]`, with the field names rws uses.
@@ -750,6 +760,22 @@ impl Source<'_> {
                     )),
                 },
                 log_open: raw.log_open.unwrap_or(false),
+            admin_listen: match &raw.admin {
+                None => None,
+                Some(admin) => {
+                    let listen = &admin.get_ref().listen;
+                    let addr = listen.get_ref().trim().to_string();
+                    if let Err(why) = check_addr(&addr, true) {
+                        return Err(self.error(
+                            listen.span(),
+                            "admin.listen",
+                            &format!("{addr:?} is not a listen address: {why}"),
+                            "write it as \"host:port\", e.g. \"127.0.0.1:9900\"",
+                        ));
+                    }
+                    Some(addr)
+                }
+            },
                 // 0 is allowed: close every connection at once on shutdown.
                 drain_timeout_ms: raw
                     .drain_timeout_ms
