@@ -760,22 +760,22 @@ impl Source<'_> {
                     )),
                 },
                 log_open: raw.log_open.unwrap_or(false),
-            admin_listen: match &raw.admin {
-                None => None,
-                Some(admin) => {
-                    let listen = &admin.get_ref().listen;
-                    let addr = listen.get_ref().trim().to_string();
-                    if let Err(why) = check_addr(&addr, true) {
-                        return Err(self.error(
-                            listen.span(),
-                            "admin.listen",
-                            &format!("{addr:?} is not a listen address: {why}"),
-                            "write it as \"host:port\", e.g. \"127.0.0.1:9900\"",
-                        ));
+                admin_listen: match &raw.admin {
+                    None => None,
+                    Some(admin) => {
+                        let listen = &admin.get_ref().listen;
+                        let addr = listen.get_ref().trim().to_string();
+                        if let Err(why) = check_addr(&addr, true) {
+                            return Err(self.error(
+                                listen.span(),
+                                "admin.listen",
+                                &format!("{addr:?} is not a listen address: {why}"),
+                                "write it as \"host:port\", e.g. \"127.0.0.1:9900\"",
+                            ));
+                        }
+                        Some(addr)
                     }
-                    Some(addr)
-                }
-            },
+                },
                 // 0 is allowed: close every connection at once on shutdown.
                 drain_timeout_ms: raw
                     .drain_timeout_ms
