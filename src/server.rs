@@ -486,6 +486,24 @@ impl Live {
         global: &Arc<crate::limit::Global>,
     ) -> Result<Live, Error> {
         let listen_addr = listener.local_addr().ok();
+        let (kind, name, names) = match &section {
+            Section::Tcp(s) => (
+                "tcp",
+                &s.name,
+                s.backends
+                    .iter()
+                    .map(|b| b.address.clone())
+                    .collect::<Vec<_>>(),
+            ),
+            Section::Ws(s) => {
+                let all = s
+                    .routes
+                    .iter()
+                    .flat_map(|r| r.backends.iter().map(|b| b.address.clone()));
+                ("ws", &s.name, all.collect())
+            }
+        };
+        log_listening(kind, name, listener.local_addr(), &names);
         let (stop, stopped) = async_channel::bounded::<()>(1);
         let stopped = async move {
             let _ = stopped.recv().await;

@@ -159,6 +159,19 @@ impl TcpProxy {
         listener: N::Listener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), Error> {
+        let names: Vec<String> = self
+            .section
+            .backends
+            .iter()
+            .map(|b| b.address.clone())
+            .collect();
+        let (kind, name) = ("tcp", self.section.name.clone());
+        server::log_listening(
+            kind,
+            &name,
+            crate::net::Listener::local_addr(&listener),
+            &names,
+        );
         let flow = Flow::start(
             &net,
             self.section,
@@ -199,8 +212,7 @@ pub(crate) struct Flow {
 }
 
 impl Flow {
-    /// A flow as `s` configures it, with its health checks and resolver running on `net`;
-    /// logs that it listens on `listen_addr`.
+    /// A flow as `s` configures it, with its health checks and resolver running on `net`.
     pub(crate) fn start<N: Net>(
         net: &N,
         s: TcpSection,
@@ -212,13 +224,6 @@ impl Flow {
             return Err(bad("the connect timeout must be positive".into()));
         }
         let pool = Pool::from_config(&s.name, &s.backends, &s.balancing, false).map_err(bad)?;
-        let names: Vec<String> = s.backends.iter().map(|b| b.address.clone()).collect();
-        server::log_listening(
-            "tcp",
-            &s.name,
-            listen_addr.ok_or(std::io::ErrorKind::NotFound.into()),
-            &names,
-        );
         let (stop, stopped) = async_channel::bounded::<()>(1);
         if let Some(check) = &s.health_check {
             health::spawn_checks(net, &s.name, pool.backends(), check, &stopped);

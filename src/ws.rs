@@ -179,6 +179,19 @@ impl WsProxy {
         listener: N::Listener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), Error> {
+        let names: Vec<String> = self
+            .section
+            .routes
+            .iter()
+            .flat_map(|r| r.backends.iter().map(|b| b.address.clone()))
+            .collect();
+        let name = self.section.name.clone();
+        server::log_listening(
+            "ws",
+            &name,
+            crate::net::Listener::local_addr(&listener),
+            &names,
+        );
         let flow = Flow::start(
             &net,
             self.section,
@@ -228,7 +241,7 @@ struct Route {
 
 impl Flow {
     /// A flow as `s` configures it, with its routes' health checks and resolvers running on
-    /// `net`; logs that it listens on `listen_addr`.
+    /// `net`.
     pub(crate) fn start<N: Net>(
         net: &N,
         s: WsSection,
@@ -239,17 +252,6 @@ impl Flow {
         let mut flow = Flow::new(s)?;
         flow.admission = admission;
         flow.listen_addr = listen_addr;
-        let all: Vec<String> = flow
-            .routes
-            .iter()
-            .flat_map(|r| r.config.backends.iter().map(|b| b.address.clone()))
-            .collect();
-        server::log_listening(
-            "ws",
-            &flow.name,
-            listen_addr.ok_or(io::ErrorKind::NotFound.into()),
-            &all,
-        );
         let (stop, stopped) = async_channel::bounded::<()>(1);
         for r in &flow.routes {
             let pool = format!("{}{}", flow.name, r.config.path);
