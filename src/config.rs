@@ -743,6 +743,7 @@ impl Source<'_> {
     }
 
     fn validate(&self, raw: raw::File) -> Result<Config, Error> {
+        let admin_span = raw.admin.as_ref().map(|a| a.get_ref().listen.span());
         let mut seen = Seen::default();
         let mut config =
             Config {
@@ -825,6 +826,16 @@ impl Source<'_> {
             config
                 .ws_proxy
                 .push(self.ws_section(&mut seen, s, span, i + 1)?);
+        }
+        if let (Some(admin), Some(span)) = (&config.admin_listen, admin_span) {
+            if let Some(section) = seen.listens.get(&admin.to_ascii_lowercase()) {
+                return Err(self.error(
+                    span,
+                    "admin.listen",
+                    &format!("{admin} is already the listen address of section {section:?}"),
+                    "give the admin endpoint its own port, e.g. \"127.0.0.1:9900\"",
+                ));
+            }
         }
         Ok(config)
     }
