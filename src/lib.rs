@@ -16,6 +16,8 @@
 //! - `route`: which WebSocket route a request takes, and the path its backend sees.
 //! - [`ws`]: the WebSocket flow and its builder ([`WsProxy`]).
 //! - [`config`]: the TOML file ([`Config`]) and its validation.
+//! - [`metrics`]: Prometheus counters, gauges and histograms per section and backend.
+//! - `admin`: the admin endpoint: `/metrics`, `/healthz`, `/readyz`.
 //! - `server`: the accept loop shared by every flow: back-off, spawning, drain.
 //! - [`Error`]: the one error type.
 //!
@@ -33,12 +35,14 @@ mod log;
 #[cfg(test)]
 mod testio;
 
+mod admin;
 pub mod balancer;
 pub mod config;
 mod error;
 pub mod handshake;
 pub mod health;
 pub mod limit;
+pub mod metrics;
 pub mod net;
 pub mod policy;
 pub mod proxy_protocol;

@@ -99,9 +99,11 @@ pub(crate) struct Access {
 }
 
 impl Access {
-    /// Writes the line for a connection that ended.
-    pub(crate) fn closed(&self) {
+    /// Writes the line for a connection that ended, and counts its bytes and ending in the
+    /// section's metrics.
+    pub(crate) fn closed(&self, metrics: &crate::metrics::Section) {
         self.write("closed");
+        metrics.closed(self);
     }
 
     /// Writes the line for a tunnel that just opened, when `log_open` is on.

@@ -182,7 +182,6 @@ pub(crate) async fn accept_until<N, H, F>(
 /// ones still open after that.
 ///
 /// Returns how many connections had to be closed at the deadline.
-#[allow(dead_code)] // for single-listener servers such as the admin endpoint, being written
 pub(crate) async fn accept_loop<N, H, F>(
     net: &N,
     listener: N::Listener,
@@ -327,6 +326,7 @@ pub fn run_reloading(
     block_on(|net| async move {
         let tracker = Arc::new(Tracker::default());
         let mut drain = config.drain_timeout_ms;
+        let config_admin = config.admin_listen.clone();
         crate::log::configure(config.log_json, config.log_open);
         // The process-wide cap is read at start-up; a reload does not change it.
         let global = crate::limit::Global::new(config.max_connections);
@@ -334,6 +334,26 @@ pub fn run_reloading(
         let mut bound = Vec::new();
         for section in Section::all(config) {
             bound.push((bind_section(&net, &section).await?, section));
+        }
+        crate::metrics::started();
+        let admin = Arc::new(crate::admin::State::default());
+        // Every listener is bound (the kernel queues their connections from here on).
+        admin.set_listening();
+        let admin_listen = config_admin.clone();
+        let (admin_stop, admin_stopped) = async_channel::bounded::<()>(1);
+        if let Some(addr) = &admin_listen {
+            let listener = bind(&net, addr).await?;
+            info!(
+                "admin listening addr={} paths=/metrics,/healthz,/readyz",
+                Listener::local_addr(&listener).map_or_else(|_| addr.clone(), |a| a.to_string())
+            );
+            let (net2, admin) = (net.clone(), admin.clone());
+            net.spawn(async move {
+                let stop = async move {
+                    let _ = admin_stopped.recv().await;
+                };
+                crate::admin::serve(&net2, listener, admin, stop).await;
+            });
         }
         let mut live = Vec::new();
         for (listener, section) in bound {
@@ -358,6 +378,9 @@ pub fn run_reloading(
             };
             drain = config.drain_timeout_ms;
             crate::log::configure(config.log_json, config.log_open);
+            if config.admin_listen != admin_listen {
+                warn!("reload: [admin] listen is read at start-up only; it stays {admin_listen:?} until a restart");
+            }
             let sections = Section::all(config);
             live.retain(|l| {
                 let kept = sections.iter().any(|s| s.key() == l.section.key());
@@ -367,6 +390,7 @@ pub fn run_reloading(
                         l.section.name()
                     );
                     l.stop();
+                    l.section.metrics().retire();
                 }
                 kept
             });
@@ -394,11 +418,13 @@ pub fn run_reloading(
             }
         }
         info!("shutting down: no new connections, draining for up to {drain}ms");
+        admin.set_draining();
         for l in &live {
             l.stop();
         }
         let left = tracker.drain(&net, Duration::from_millis(drain)).await;
         info!("stopped open_connections_closed={left}");
+        drop(admin_stop);
         Ok(())
     })
 }
@@ -448,6 +474,14 @@ impl Section {
         match self {
             Section::Tcp(s) => format!("[[tcp_proxy]] {:?}", s.name),
             Section::Ws(s) => format!("[[ws_proxy]] {:?}", s.name),
+        }
+    }
+
+    /// The section's metrics.
+    fn metrics(&self) -> Arc<crate::metrics::Section> {
+        match self {
+            Section::Tcp(s) => crate::metrics::section("tcp", &s.name),
+            Section::Ws(s) => crate::metrics::section("ws", &s.name),
         }
     }
 
@@ -574,7 +608,11 @@ impl Live {
                 .stop_background(),
             _ => unreachable!("sections are matched by kind"),
         }
-        self.section = section;
+        let old = std::mem::replace(&mut self.section, section);
+        if old.name() != self.section.name() {
+            // Renamed: the old name's backends are no longer running.
+            old.metrics().retire();
+        }
         Ok(())
     }
 

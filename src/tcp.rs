@@ -13,6 +13,7 @@ use crate::config::{BackendConfig, Balancing, TcpSection};
 use crate::health;
 use crate::limit;
 use crate::log::{info, warn, Access};
+use crate::metrics;
 use crate::net;
 use crate::net::Net;
 use crate::policy;
@@ -209,6 +210,7 @@ pub(crate) struct Flow {
     /// The listener's address: the PROXY header's destination when the runtime cannot tell
     /// a stream's own local address.
     listen_addr: Option<SocketAddr>,
+    metrics: Arc<metrics::Section>,
 }
 
 impl Flow {
@@ -230,7 +232,10 @@ impl Flow {
         }
         let resolve_every = Duration::from_millis(s.balancing.resolve_interval_ms);
         balancer::spawn_resolver(net, &s.name, pool.backends(), resolve_every, &stopped);
+        let metrics = metrics::section("tcp", &s.name);
+        metrics.set_pools(vec![(s.name.clone(), pool.backends().to_vec())]);
         Ok(Arc::new(Flow {
+            metrics,
             admission: limit::Admission::new(&s.name, s.limits, global, net.now()),
             retry: Retry::from_config(&s.balancing, s.connect_timeout_ms),
             pool,
@@ -253,6 +258,7 @@ impl Flow {
         peer: SocketAddr,
     ) {
         let started = net.now();
+        let _open = self.metrics.open();
         // Behind a load balancer, the client is who its PROXY header says.
         let (peer, early) = match &self.admission.limits().accept_proxy_protocol {
             None => (peer, Vec::new()),
@@ -262,6 +268,7 @@ impl Flow {
                     Ok(found) => found,
                     Err(why) => {
                         warn!("tcp name={} closed: {why}", self.name);
+                        self.metrics.refused_proxy_header();
                         return;
                     }
                 }
@@ -269,8 +276,12 @@ impl Flow {
         };
         // Over a limit: closed at once (TCP has no way to say why); the refusal is logged,
         // at most once a second.
-        let Ok(_ticket) = self.admission.admit(peer.ip(), started) else {
-            return;
+        let _ticket = match self.admission.admit(peer.ip(), started) {
+            Ok(ticket) => ticket,
+            Err(why) => {
+                self.metrics.refused(why);
+                return;
+            }
         };
         let key = client_ip_key(peer.ip());
         let mut attempts = self.pool.attempts(Some(key), self.retry, started);
@@ -292,8 +303,11 @@ impl Flow {
                 }
                 Ok(stream)
             };
+            let tried = net.now();
             match net::timeout(&net, limit, connect).await {
                 Ok(stream) => {
+                    let took = net.now().duration_since(tried);
+                    self.metrics.connected(lease.backend().addr(), took);
                     lease.succeeded();
                     connected = Some((stream, lease));
                     break;
@@ -304,6 +318,8 @@ impl Flow {
                         self.name,
                         lease.backend()
                     );
+                    let reason = metrics::failure_reason(&e);
+                    self.metrics.connect_failed(lease.backend().addr(), reason);
                     lease.failed(net.now());
                 }
             }
@@ -322,7 +338,7 @@ impl Flow {
                 "every backend tried failed"
             }
             .to_string();
-            access.closed();
+            access.closed(&self.metrics);
             return;
         };
         access.backend = Some(lease.backend().to_string());
@@ -335,7 +351,7 @@ impl Flow {
         access.up = report.client_to_backend;
         access.down = report.backend_to_client;
         access.end = cut.map_or_else(|| ending(&report), str::to_string);
-        access.closed();
+        access.closed(&self.metrics);
     }
 }
 

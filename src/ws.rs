@@ -20,6 +20,7 @@ use crate::handshake::{self, ForwardOptions, Head, HeadError, Incoming, Refusal,
 use crate::health;
 use crate::limit;
 use crate::log::{info, warn, Access};
+use crate::metrics;
 use crate::net::{self, Net};
 use crate::policy;
 use crate::proxy_protocol;
@@ -229,6 +230,7 @@ pub(crate) struct Flow {
     max_head: usize,
     health_path: Option<String>,
     routes: Vec<Route>,
+    metrics: Arc<metrics::Section>,
 }
 
 /// A configured route with its pool.
@@ -262,6 +264,11 @@ impl Flow {
             balancer::spawn_resolver(net, &pool, r.pool.backends(), every, &stopped);
         }
         flow.stop = std::sync::Mutex::new(Some(stop));
+        let pools = flow.routes.iter().map(|r| {
+            let name = format!("{}{}", flow.name, r.config.path);
+            (name, r.pool.backends().to_vec())
+        });
+        flow.metrics.set_pools(pools.collect());
         Ok(Arc::new(flow))
     }
 
@@ -297,6 +304,7 @@ impl Flow {
                 None,
                 std::time::Instant::now(),
             ),
+            metrics: metrics::section("ws", &s.name),
             name: s.name,
             stop: std::sync::Mutex::new(None),
             listen_addr: None,
@@ -315,6 +323,7 @@ impl Flow {
         peer: SocketAddr,
     ) {
         let started = net.now();
+        let _open = self.metrics.open();
         let mut log = Access {
             kind: "ws",
             section: self.name.clone(),
@@ -330,6 +339,7 @@ impl Flow {
                     Ok(found) => found,
                     Err(why) => {
                         warn!("ws name={} closed: {why}", self.name);
+                        self.metrics.refused_proxy_header();
                         return;
                     }
                 }
@@ -339,16 +349,28 @@ impl Flow {
         let admitted = self.admission.admit(peer.ip(), started);
         let outcome = match &admitted {
             Ok(_) => self.upgrade(&net, &mut client, peer, early, &mut log).await,
-            Err(_) => Err(Ended::Answered {
-                status: 503,
-                bytes: handshake::response(
-                    503,
-                    "over capacity, retry shortly",
-                    &[("Retry-After", "1")],
-                ),
-                why: "over a connection limit".into(),
-            }),
+            Err(why) => {
+                self.metrics.refused(*why);
+                Err(Ended::Answered {
+                    status: 503,
+                    bytes: handshake::response(
+                        503,
+                        "over capacity, retry shortly",
+                        &[("Retry-After", "1")],
+                    ),
+                    why: "over a connection limit".into(),
+                })
+            }
         };
+        if let Some(status) = match &outcome {
+            Ok(_) => Some(101),
+            Err(Ended::Refused(refusal)) => Some(refusal.status()),
+            Err(Ended::Answered { status, .. }) => Some(*status),
+            Err(Ended::Quietly(_)) => None,
+        } {
+            self.metrics
+                .handshake(status, net.now().duration_since(started));
+        }
         match outcome {
             Ok((mut upstream, to_client, _lease)) => {
                 log.connect_ms = Some(net.now().duration_since(started).as_millis());
@@ -374,7 +396,7 @@ impl Flow {
             Err(Ended::Quietly(why)) => log.end = why,
         }
         log.duration_ms = net.now().duration_since(started).as_millis();
-        log.closed();
+        log.closed(&self.metrics);
     }
 
     /// Sends a response the client gets instead of a tunnel, then closes. A client that never
@@ -495,8 +517,11 @@ impl Flow {
                     .unwrap_or(peer);
                 proxy_protocol::encode(v, peer, dest)
             });
+            let tried = net.now();
+            let mut connect_took = None;
             let attempt = async {
                 let mut upstream = net::timeout(net, limit, backend_ref.connect(net)).await?;
+                connect_took = Some(net.now().duration_since(tried));
                 // The client's pipelined bytes go right behind the head: they are the tunnel's
                 // first bytes, and a backend that answers 101 expects them next.
                 let mut out = Vec::with_capacity(sent.head.len() + head.rest.len() + 64);
@@ -509,13 +534,22 @@ impl Flow {
                 upstream.flush().await?;
                 Ok::<_, io::Error>(upstream)
             };
-            let mut upstream = match attempt.await {
+            let attempted = attempt.await;
+            if let Some(took) = connect_took {
+                self.metrics.connected(&backend, took);
+            }
+            let mut upstream = match attempted {
                 Ok(s) => s,
                 Err(e) => {
                     warn!(
                         "ws name={} client={peer} cannot connect to backend {backend}: {e}",
                         self.name
                     );
+                    let reason = match connect_took {
+                        None => metrics::failure_reason(&e),
+                        Some(_) => "upgrade_error",
+                    };
+                    self.metrics.connect_failed(&backend, reason);
                     lease.failed(net.now());
                     // As nginx: the last backend's failure decides, 504 for a timeout.
                     last = Ended::Refused(if e.kind() == io::ErrorKind::TimedOut {
@@ -539,6 +573,7 @@ impl Flow {
                     // reached the client yet, so the next backend may still serve it; 504 when
                     // this was the last one.
                     warn!("ws name={} client={peer} backend {backend} did not answer the upgrade in time", self.name);
+                    self.metrics.connect_failed(&backend, "upgrade_timeout");
                     lease.failed(net.now());
                     last = Ended::Refused(Refusal::GatewayTimeout);
                     continue;
@@ -550,6 +585,7 @@ impl Flow {
                         "ws name={} client={peer} backend {backend} failed during the upgrade: {e}",
                         self.name
                     );
+                    self.metrics.connect_failed(&backend, "upgrade_error");
                     lease.failed(net.now());
                     last = Ended::Refused(Refusal::BadGateway);
                     continue;
@@ -589,6 +625,7 @@ impl Flow {
                     // Not recorded against its health: it is up and answering (health counts
                     // connect failures and timeouts), only its answer is wrong.
                     warn!("ws name={} client={peer} backend {backend} gave a bad upgrade response: {bad:?}", self.name);
+                    self.metrics.connect_failed(&backend, "bad_response");
                     Err(Ended::Refused(Refusal::from(bad)))
                 }
             };

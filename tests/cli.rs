@@ -575,3 +575,287 @@ fn reuse_port_lets_two_processes_share_a_port_and_without_it_the_second_fails() 
         "{err}"
     );
 }
+
+/// A WebSocket backend speaking just enough of RFC 6455 for the proxy: it answers the upgrade
+/// with the right accept key, then echoes bytes until the client closes.
+fn ws_backend() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().map_while(Result::ok) {
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut key = String::new();
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                    if let Some((name, value)) = line.split_once(':') {
+                        if name.eq_ignore_ascii_case("sec-websocket-key") {
+                            key = value.trim().to_string();
+                        }
+                    }
+                }
+                let mut writer = stream;
+                let answer = format!(
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                     Connection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+                    portcullis::handshake::accept_key(&key)
+                );
+                writer.write_all(answer.as_bytes()).unwrap();
+                let _ = std::io::copy(&mut reader, &mut writer);
+                let _ = writer.shutdown(Shutdown::Write);
+            });
+        }
+    });
+    addr
+}
+
+/// Sends an upgrade request to `addr` and returns the stream and the response head.
+fn upgrade(addr: SocketAddr, key: Option<&str>) -> (TcpStream, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let key = key.map_or(String::new(), |k| format!("Sec-WebSocket-Key: {k}\r\n"));
+    let request = format!(
+        "GET /chat HTTP/1.1\r\nHost: portcullis.test\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n{key}\r\n"
+    );
+    s.write_all(request.as_bytes()).unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).unwrap_or(0) == 1 {
+        head.push(byte[0]);
+    }
+    (s, String::from_utf8_lossy(&head).into_owned())
+}
+
+/// One request to the admin endpoint: (status, body).
+fn admin_get(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: admin\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text[9..12].parse().unwrap();
+    let body = text.split_once("\r\n\r\n").unwrap().1.to_string();
+    (status, body)
+}
+
+/// Parses the Prometheus text format strictly enough to catch what a scraper would reject:
+/// every sample belongs to a family declared by `# TYPE` before it, names and labels are
+/// well formed, values are numbers, and histogram buckets grow up to `+Inf` = `_count`.
+/// Returns each sample as (`name{labels}`, value).
+fn parse_prometheus(text: &str) -> Vec<(String, f64)> {
+    let mut types: std::collections::HashMap<String, String> = Default::default();
+    let mut samples = Vec::new();
+    let is_name = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+            && !s.starts_with(|c: char| c.is_ascii_digit())
+    };
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("# TYPE name kind");
+            assert!(is_name(name), "{line}");
+            assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
+            assert!(
+                types.insert(name.into(), kind.into()).is_none(),
+                "twice: {line}"
+            );
+            continue;
+        }
+        if line.starts_with("# HELP ") || line.is_empty() {
+            continue;
+        }
+        assert!(!line.starts_with('#'), "unknown comment: {line}");
+        let (series, value) = line.rsplit_once(' ').expect("a sample: name value");
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("value: {line}"));
+        let name = series.split('{').next().unwrap();
+        assert!(is_name(name), "{line}");
+        if let Some(labels) = series.strip_prefix(name).filter(|l| !l.is_empty()) {
+            let inner = labels
+                .strip_prefix('{')
+                .and_then(|l| l.strip_suffix('}'))
+                .unwrap_or_else(|| panic!("labels: {line}"));
+            for pair in inner.split("\",") {
+                let (k, v) = pair.split_once("=\"").unwrap_or_else(|| panic!("{line}"));
+                assert!(is_name(k), "label name {k}: {line}");
+                assert!(!v.trim_end_matches('"').contains('"'), "{line}");
+            }
+        }
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| {
+                name.strip_suffix(s)
+                    .filter(|f| types.get(*f).is_some_and(|t| t == "histogram"))
+            })
+            .unwrap_or(name);
+        assert!(types.contains_key(family), "no # TYPE before {line}");
+        samples.push((series.to_string(), value));
+    }
+    // Buckets of each histogram series grow, and +Inf equals the count.
+    let mut last: std::collections::HashMap<String, f64> = Default::default();
+    for (series, value) in &samples {
+        if let Some((base, _)) = series.split_once("_bucket{") {
+            let key = format!(
+                "{base}{}",
+                &series[..series.find(",le=").unwrap_or(series.len())]
+            );
+            let before = last.insert(key, *value).unwrap_or(0.0);
+            assert!(*value >= before, "buckets shrink at {series}");
+            if series.contains("le=\"+Inf\"") {
+                let count = series
+                    .replace("_bucket{", "_count{")
+                    .replace(",le=\"+Inf\"", "");
+                let c = samples.iter().find(|(s, _)| *s == count).expect("a _count");
+                assert_eq!(c.1, *value, "{series}");
+            }
+        }
+    }
+    samples
+}
+
+#[test]
+fn the_admin_endpoint_serves_metrics_that_match_the_traffic_and_readiness() {
+    let (echo, ws) = (echo_backend(), ws_backend());
+    // A port that refuses: bound, then closed.
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let file = config_file(
+        "admin.toml",
+        &format!(
+            "drain_timeout_ms = 10000\n[admin]\nlisten = \"127.0.0.9:0\"\n\n\
+             [[tcp_proxy]]\nname = \"echo\"\nlisten = \"127.0.0.1:0\"\nbackends = [\"{echo}\"]\n\n\
+             [[tcp_proxy]]\nname = \"dead\"\nlisten = \"127.0.0.2:0\"\nbackends = [\"{dead}\"]\n\n\
+             [[ws_proxy]]\nname = \"chat\"\nlisten = \"127.0.0.3:0\"\nmax_connections = 1\nbackends = [\"{ws}\"]\n"
+        ),
+    );
+    let mut proxy = start(&["--config", file.to_str().unwrap()], 3);
+    let admin: SocketAddr = {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let log = proxy.log.lock().unwrap().clone();
+            let line = log.iter().find(|l| l.contains("admin listening addr="));
+            if let Some(line) = line {
+                let addr = line.split("addr=").nth(1).unwrap();
+                break addr.split_whitespace().next().unwrap().parse().unwrap();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no admin line: {log:#?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    assert_eq!(admin_get(admin, "GET", "/healthz"), (200, "ok\n".into()));
+    assert_eq!(admin_get(admin, "GET", "/readyz"), (200, "ready\n".into()));
+    assert_eq!(admin_get(admin, "POST", "/metrics").0, 405);
+    assert_eq!(admin_get(admin, "GET", "/nope").0, 404);
+
+    // Known traffic: three TCP tunnels of 1000, 2000 and 3000 bytes echoed.
+    for n in [1000, 2000, 3000] {
+        let message = vec![b'x'; n];
+        assert_eq!(echo_through(proxy.addr("echo"), &message), message);
+    }
+    // One WebSocket tunnel held open, a second over the section's limit (503), one bad
+    // request (400), then the first carries 5 bytes each way and closes.
+    let chat = proxy.addr("chat");
+    let (mut tunnel, head) = upgrade(chat, Some("dGhlIHNhbXBsZSBub25jZQ=="));
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let (_, full) = upgrade(chat, Some("dGhlIHNhbXBsZSBub25jZQ=="));
+    assert!(full.starts_with("HTTP/1.1 503"), "{full}");
+    tunnel.write_all(b"hello").unwrap();
+    let mut echoed = [0u8; 5];
+    tunnel.read_exact(&mut echoed).unwrap();
+    tunnel.shutdown(Shutdown::Write).unwrap();
+    let _ = tunnel.read_to_end(&mut Vec::new());
+    drop(tunnel);
+    std::thread::sleep(Duration::from_millis(100));
+    let (_, bad) = upgrade(chat, None);
+    assert!(bad.starts_with("HTTP/1.1 400"), "{bad}");
+    // Three connects refused by a dead backend: ejected (max_fails 3), so not ready.
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(proxy.addr("dead")).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.read_to_end(&mut Vec::new());
+    }
+    std::thread::sleep(Duration::from_millis(200));
+
+    let (status, text) = admin_get(admin, "GET", "/metrics");
+    assert_eq!(status, 200);
+    let samples = parse_prometheus(&text);
+    let value = |series: &str| {
+        samples
+            .iter()
+            .find(|(s, _)| s == series)
+            .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+            .1
+    };
+    let echo_l = "kind=\"tcp\",section=\"echo\"";
+    let chat_l = "kind=\"ws\",section=\"chat\"";
+    let dead_l = "kind=\"tcp\",section=\"dead\"";
+    let expected = [
+        (format!("portcullis_connections_accepted_total{{{echo_l}}}"), 3.0),
+        (format!("portcullis_connections_active{{{echo_l}}}"), 0.0),
+        (format!("portcullis_bytes_total{{{echo_l},direction=\"to_backend\"}}"), 6000.0),
+        (format!("portcullis_bytes_total{{{echo_l},direction=\"to_client\"}}"), 6000.0),
+        (format!("portcullis_connect_duration_seconds_count{{{echo_l}}}"), 3.0),
+        (format!("portcullis_backend_connections_total{{{echo_l},backend=\"{echo}\"}}"), 3.0),
+        (format!("portcullis_backend_up{{{echo_l},pool=\"echo\",backend=\"{echo}\"}}"), 1.0),
+        (format!("portcullis_connections_accepted_total{{{chat_l}}}"), 3.0),
+        (format!("portcullis_handshakes_total{{{chat_l},status=\"101\"}}"), 1.0),
+        (format!("portcullis_handshakes_total{{{chat_l},status=\"400\"}}"), 1.0),
+        (format!("portcullis_handshakes_total{{{chat_l},status=\"503\"}}"), 1.0),
+        (format!("portcullis_handshake_duration_seconds_count{{{chat_l}}}"), 3.0),
+        (format!("portcullis_connections_refused_total{{{chat_l},reason=\"max_connections\"}}"), 1.0),
+        (format!("portcullis_connections_refused_total{{{chat_l},reason=\"max_connections_per_ip\"}}"), 0.0),
+        (format!("portcullis_connections_closed_total{{{dead_l},end=\"no_backend\"}}"), 3.0),
+        (format!("portcullis_backend_connect_failures_total{{{dead_l},backend=\"{dead}\",reason=\"refused\"}}"), 3.0),
+        (format!("portcullis_backend_up{{{dead_l},pool=\"dead\",backend=\"{dead}\"}}"), 0.0),
+    ];
+    for (series, want) in expected {
+        assert_eq!(value(&series), want, "{series}");
+    }
+    // The 101 tunnel's 5 bytes each way; to the client, the backend's 101 head it passed on
+    // too (as the access log's `down`); the rewritten request head is not counted.
+    let up = value(&format!(
+        "portcullis_bytes_total{{{chat_l},direction=\"to_backend\"}}"
+    ));
+    let down = value(&format!(
+        "portcullis_bytes_total{{{chat_l},direction=\"to_client\"}}"
+    ));
+    assert_eq!((up, down), (5.0, 5.0 + head.len() as f64));
+    assert!(value("process_open_fds") > 0.0);
+    let (status, why) = admin_get(admin, "GET", "/readyz");
+    assert_eq!(
+        (status, why.as_str()),
+        (503, "not ready: no healthy backend in: dead\n")
+    );
+
+    // Draining: not ready at once, still alive, exits 0 when the last tunnel ends.
+    let mut held = TcpStream::connect(proxy.addr("echo")).unwrap();
+    held.write_all(b"ping").unwrap();
+    held.read_exact(&mut [0u8; 4]).unwrap();
+    signal(&proxy.child, "TERM");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while admin_get(admin, "GET", "/readyz").1 != "not ready: draining\n" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "readyz never said draining"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(admin_get(admin, "GET", "/healthz").0, 200);
+    drop(held);
+    assert_eq!(
+        exit_within(&mut proxy.child, Duration::from_secs(5)),
+        Some(0)
+    );
+}
