@@ -24,6 +24,8 @@
 //!   [`ws_frame`];
 //! - [`pattern`] and [`check_prefix`]: deterministic per-stream bytes, so a receiver can tell
 //!   that every byte that arrived arrived once and in order;
+//! - [`AcceptFaults`]: an injection hook for a [`SimListener`] that fails accepts with `EMFILE`
+//!   for a while and records every call, to see the accept loop back off;
 //! - [`Rng`]: a small seeded generator for the scenarios' own random choices;
 //! - [`connect_proxy`], [`read_until`], [`wait_for`] and [`sim_time`]: client-side reading with deadlines, waiting
 //!   on flags shared with the test, and the simulation clock.
@@ -35,7 +37,9 @@
 //! shutdown), `ws` (the WebSocket flow: upgrade and read timeouts, a backend failing mid-handshake,
 //! an idle tunnel, bytes behind heads), `balance` (backend pools configured from TOML: passive
 //! ejection of a crashed backend and its trial, an active check catching a silent partition, a
-//! WebSocket backend ejected after upgrade timeouts, weighted shares over 10 000 connections). Run
+//! WebSocket backend ejected after upgrade timeouts, weighted shares over 10 000 connections),
+//! `operations` (a drain of 1 000 tunnels, the idle timeout and maximum connection age firing
+//! on time, accept failures with `EMFILE` injected through [`AcceptFaults`] backing off). Run
 //! them with `cargo test -p sim`; `SEEDS=20 cargo test -p sim` tries 20 seeds each, and a failure
 //! prints its seed and the command that replays it.
 //!
@@ -107,13 +111,18 @@ pub type SimStream = Compat<turmoil::net::TcpStream>;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SimNet;
 
-/// The listener of [`SimNet`]: a turmoil TCP listener.
-pub struct SimListener(turmoil::net::TcpListener);
+/// The listener of [`SimNet`]: a turmoil TCP listener, optionally with injected accept
+/// failures ([`AcceptFaults`]).
+pub struct SimListener {
+    inner: turmoil::net::TcpListener,
+    faults: Option<AcceptFaults>,
+}
 
 impl fmt::Debug for SimListener {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("SimListener")
-            .field(&self.0.local_addr().ok())
+        f.debug_struct("SimListener")
+            .field("addr", &self.inner.local_addr().ok())
+            .field("faults", &self.faults.is_some())
             .finish()
     }
 }
@@ -121,7 +130,16 @@ impl fmt::Debug for SimListener {
 impl SimListener {
     /// Wraps a listener a scenario bound itself.
     pub fn new(listener: turmoil::net::TcpListener) -> Self {
-        SimListener(listener)
+        SimListener {
+            inner: listener,
+            faults: None,
+        }
+    }
+
+    /// The same listener, failing accepts as `faults` says and recording every call in it.
+    pub fn with_faults(mut self, faults: AcceptFaults) -> Self {
+        self.faults = Some(faults);
+        self
     }
 }
 
@@ -129,12 +147,83 @@ impl portcullis::Listener for SimListener {
     type Stream = SimStream;
 
     async fn accept(&self) -> io::Result<(SimStream, SocketAddr)> {
-        let (stream, peer) = self.0.accept().await?;
+        if let Some(faults) = &self.faults {
+            faults.on_accept()?;
+        }
+        let (stream, peer) = self.inner.accept().await?;
         Ok((stream.compat(), peer))
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.0.local_addr()
+        self.inner.local_addr()
+    }
+}
+
+/// `EMFILE`: the process is out of file descriptors.
+pub const EMFILE: i32 = 24;
+
+/// An injection hook for a [`SimListener`]: every call to its `accept` before a given simulated
+/// time fails at once with `EMFILE` (as a real `accept` does while the process is out of
+/// descriptors: the pending connection stays queued, and the listener stays readable, so a loop
+/// that retries at once spins). Every call is recorded, with its time and whether it failed,
+/// so a scenario can count how often the accept loop tried.
+///
+/// A spinning loop never lets simulated time advance (its host never goes idle), which would
+/// hang the simulation: so past [`AcceptFaults::SPIN_LIMIT`] failed calls the hook panics
+/// instead, and the scenario fails with a message.
+///
+/// Clones share one record. It is `Send + Sync`, as a listener must be.
+#[derive(Debug, Clone, Default)]
+pub struct AcceptFaults(std::sync::Arc<std::sync::Mutex<FaultState>>);
+
+#[derive(Debug, Default)]
+struct FaultState {
+    /// Accepts fail while the simulation is younger than this.
+    fail_until: Duration,
+    /// Every call: when (simulation time), and whether it failed.
+    calls: Vec<(Duration, bool)>,
+    /// How many calls failed.
+    failed: usize,
+}
+
+impl AcceptFaults {
+    /// Failed calls after which the hook decides the accept loop spins, and panics.
+    pub const SPIN_LIMIT: usize = 10_000;
+
+    /// A hook that fails every accept called before simulation time `until`.
+    pub fn fail_until(until: Duration) -> Self {
+        let faults = AcceptFaults::default();
+        faults.state().fail_until = until;
+        faults
+    }
+
+    /// Every call to `accept` so far: when (simulation time), and whether it failed.
+    pub fn calls(&self) -> Vec<(Duration, bool)> {
+        self.state().calls.clone()
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, FaultState> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a call; fails it while the failure window lasts.
+    fn on_accept(&self) -> io::Result<()> {
+        let now = sim_time();
+        let mut state = self.state();
+        let fail = now < state.fail_until;
+        state.calls.push((now, fail));
+        if !fail {
+            return Ok(());
+        }
+        state.failed += 1;
+        let failed = state.failed;
+        drop(state);
+        assert!(
+            failed <= Self::SPIN_LIMIT,
+            "accept was called {failed} times by {now:?} while it failed with EMFILE: \
+             the accept loop spins"
+        );
+        Err(io::Error::from_raw_os_error(EMFILE))
     }
 }
 
@@ -143,7 +232,9 @@ impl portcullis::Net for SimNet {
     type Listener = SimListener;
 
     async fn bind(&self, addr: &str) -> io::Result<SimListener> {
-        turmoil::net::TcpListener::bind(addr).await.map(SimListener)
+        turmoil::net::TcpListener::bind(addr)
+            .await
+            .map(SimListener::new)
     }
 
     async fn connect(&self, addr: &str) -> io::Result<SimStream> {
