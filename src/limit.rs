@@ -110,11 +110,14 @@ impl Refused {
     }
 }
 
-/// The process-wide connection count, shared by every section.
+/// The process-wide connection count, shared by every section, and the drain deadline's
+/// signal.
 #[derive(Debug, Default)]
 pub struct Global {
     max: Option<usize>,
     open: AtomicUsize,
+    /// Closed when the drain deadline passes: tunnels still open end, and log how.
+    deadline: Option<async_channel::Receiver<()>>,
 }
 
 impl Global {
@@ -123,6 +126,19 @@ impl Global {
         Arc::new(Global {
             max,
             open: AtomicUsize::new(0),
+            deadline: None,
+        })
+    }
+
+    /// As [`Global::new`], with tunnels ended (and logged) when `deadline` closes.
+    pub(crate) fn with_deadline(
+        max: Option<usize>,
+        deadline: async_channel::Receiver<()>,
+    ) -> Arc<Global> {
+        Arc::new(Global {
+            max,
+            open: AtomicUsize::new(0),
+            deadline: Some(deadline),
         })
     }
 }
@@ -267,6 +283,8 @@ impl Admission {
 pub(crate) const IDLE: &str = "idle timeout";
 /// See [`IDLE`].
 pub(crate) const AGE: &str = "max connection age";
+/// See [`IDLE`]: still open when the shutdown's drain deadline passed.
+pub(crate) const DRAIN: &str = "drain deadline";
 
 /// Completes when a tunnel has moved no byte (per `progress`) for `idle`, or has lived for
 /// `age`, whichever comes first, with the reason; never when neither is set.
@@ -311,12 +329,12 @@ pub(crate) async fn watchdog<N: crate::net::Net>(
     futures_lite::future::or(idle, age).await
 }
 
-/// Runs `relay` under the section's idle timeout and `max_age`; returns what it did and, when
-/// a limit ended it, which.
+/// Runs `relay` under the section's idle timeout and `max_age`, until the drain deadline at
+/// most; returns what it did and, when a limit or the deadline ended it, which.
 pub(crate) async fn run_tunnel<N, C, B>(
     net: &N,
     relay: crate::relay::Relay<'_, C, B>,
-    limits: &Limits,
+    admission: &Admission,
     max_age: Option<Duration>,
 ) -> (crate::relay::Report, Option<&'static str>)
 where
@@ -324,15 +342,34 @@ where
     C: futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin + ?Sized,
     B: futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin + ?Sized,
 {
-    let idle = limits.idle_timeout_ms.map(Duration::from_millis);
+    let idle = admission.limits.idle_timeout_ms.map(Duration::from_millis);
+    let deadline = admission.global.as_ref().and_then(|g| g.deadline.as_ref());
+    let deadline = async {
+        match deadline {
+            Some(d) => {
+                let _ = d.recv().await;
+                DRAIN
+            }
+            None => futures_lite::future::pending().await,
+        }
+    };
     if idle.is_none() && max_age.is_none() {
         // The default: a quiet tunnel is a healthy one, so nothing watches it.
-        return (relay.await, None);
+        let mut relay = std::pin::pin!(relay);
+        let ended = futures_lite::future::or(async { Ok(relay.as_mut().await) }, async {
+            Err(deadline.await)
+        })
+        .await;
+        return match ended {
+            Ok(report) => (report, None),
+            Err(why) => (relay.report_so_far(Ok(())), Some(why)),
+        };
     }
     let progress = Arc::new(AtomicU64::new(0));
     let mut relay = std::pin::pin!(relay.progress(progress.clone()));
     let ended = futures_lite::future::or(async { Ok(relay.as_mut().await) }, async {
-        Err(watchdog(net, &progress, idle, max_age).await)
+        let watchdog = watchdog(net, &progress, idle, max_age);
+        Err(futures_lite::future::or(watchdog, deadline).await)
     })
     .await;
     match ended {

@@ -197,11 +197,12 @@ impl Section {
 
 /// The `end` label of an access-log `end`: the same words, without the detail.
 fn end_label(end: &str) -> &'static str {
-    const CLASSES: [(&str, &str); 10] = [
+    const CLASSES: [(&str, &str); 11] = [
         ("client closed", "client_closed"),
         ("backend closed", "backend_closed"),
         ("idle timeout", "idle_timeout"),
         ("max connection age", "max_connection_age"),
+        ("drain deadline", "drain_deadline"),
         ("refused", "refused"),
         ("backend refused", "backend_refused"),
         ("over a connection limit", "limit"),
@@ -616,6 +617,7 @@ mod tests {
             ("backend closed", "backend_closed"),
             ("closed", "closed"),
             ("idle timeout", "idle_timeout"),
+            ("drain deadline", "drain_deadline"),
             ("refused: 400 Bad Request", "refused"),
             ("backend refused with 403", "backend_refused"),
             ("client error: ConnectionReset", "client_error"),

@@ -84,6 +84,12 @@ impl Tracker {
         });
     }
 
+    /// The process-wide count for the connections tracked here, capped at `max`: their
+    /// tunnels end at this tracker's drain deadline and log it.
+    pub(crate) fn global(&self, max: Option<usize>) -> Arc<crate::limit::Global> {
+        crate::limit::Global::with_deadline(max, self.closing.clone())
+    }
+
     /// Waits up to `drain` for every connection to end, then closes those still open.
     /// Returns how many had to be closed.
     pub(crate) async fn drain<N: Net>(&self, net: &N, drain: Duration) -> usize {
@@ -329,7 +335,7 @@ pub fn run_reloading(
         let config_admin = config.admin_listen.clone();
         crate::log::configure(config.log_json, config.log_open);
         // The process-wide cap is read at start-up; a reload does not change it.
-        let global = crate::limit::Global::new(config.max_connections);
+        let global = tracker.global(config.max_connections);
         // Bind everything first, then start: a busy address fails start-up as a whole.
         let mut bound = Vec::new();
         for section in Section::all(config) {

@@ -173,14 +173,14 @@ impl TcpProxy {
             crate::net::Listener::local_addr(&listener),
             &names,
         );
+        let tracker = server::Tracker::default();
         let flow = Flow::start(
             &net,
             self.section,
             crate::net::Listener::local_addr(&listener).ok(),
-            None,
+            Some(tracker.global(None)),
         )?;
         let slot = server::Slot::new(flow);
-        let tracker = server::Tracker::default();
         server::accept_until(&net, listener, shutdown, &tracker, |stream, peer| {
             slot.get().handle(net.clone(), stream, peer)
         })
@@ -346,7 +346,7 @@ impl Flow {
         access.opened();
         let max_age = self.admission.max_age(u64::from(peer.port()));
         let relay = Relay::new(&mut client, &mut upstream).pending(early, Vec::new());
-        let (report, cut) = limit::run_tunnel(&net, relay, self.admission.limits(), max_age).await;
+        let (report, cut) = limit::run_tunnel(&net, relay, &self.admission, max_age).await;
         access.duration_ms = net.now().duration_since(started).as_millis();
         access.up = report.client_to_backend;
         access.down = report.backend_to_client;

@@ -193,14 +193,14 @@ impl WsProxy {
             crate::net::Listener::local_addr(&listener),
             &names,
         );
+        let tracker = server::Tracker::default();
         let flow = Flow::start(
             &net,
             self.section,
             crate::net::Listener::local_addr(&listener).ok(),
-            None,
+            Some(tracker.global(None)),
         )?;
         let slot = server::Slot::new(flow);
-        let tracker = server::Tracker::default();
         server::accept_until(&net, listener, shutdown, &tracker, |stream, peer| {
             slot.get().handle(net.clone(), stream, peer)
         })
@@ -377,8 +377,7 @@ impl Flow {
                 log.opened();
                 let max_age = self.admission.max_age(u64::from(peer.port()));
                 let relay = Relay::new(&mut client, &mut upstream).pending(Vec::new(), to_client);
-                let (report, cut) =
-                    limit::run_tunnel(&net, relay, self.admission.limits(), max_age).await;
+                let (report, cut) = limit::run_tunnel(&net, relay, &self.admission, max_age).await;
                 log.up += report.client_to_backend;
                 log.down = report.backend_to_client;
                 log.end = cut.map_or_else(|| ending(&report), str::to_string);

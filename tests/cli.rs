@@ -344,6 +344,15 @@ fn the_drain_deadline_closes_what_is_left_and_a_second_signal_exits_at_once() {
         matches!(live.read(&mut one), Ok(0) | Err(_)),
         "the leftover tunnel was closed"
     );
+    std::thread::sleep(Duration::from_millis(100));
+    let log = proxy.log.lock().unwrap().clone();
+    let line = log
+        .iter()
+        .find(|l| l.contains(" access event=closed "))
+        .unwrap_or_else(|| panic!("no access line for the tunnel cut at the deadline: {log:#?}"));
+    for want in [" up=1 ", " down=1 ", "end=\"drain deadline\""] {
+        assert!(line.contains(want), "{want} not in {line}");
+    }
 
     let mut proxy = start(&["--config", file.to_str().unwrap()], 1);
     let _live = TcpStream::connect(proxy.addr("tcp-1")).unwrap();
