@@ -1,0 +1,1029 @@
+//! The benchmark: portcullis side by side with a direct connection and, where installed, nginx
+//! and HAProxy, on loopback, doing the same work in the same run.
+//!
+//! ```sh
+//! cargo run --release --example bench                    # 3 rounds of 3 s per test, ~4 minutes
+//! cargo run --release --example bench -- --quick         # 1 round of 1 s per test
+//! cargo run --release --example bench -- --secs 2 --rounds 2 --idle 2000 --only direct,portcullis
+//! ```
+//! (`BENCH_SECS`, `BENCH_ROUNDS` and `BENCH_IDLE` set the same defaults from the environment.)
+//!
+//! It builds the release `portcullis` binary, starts a WebSocket echo backend and a TCP sink
+//! backend (this same program, `--backends`, in a second process) and, for each target in turn,
+//! starts the proxy as a separate process in front of them. The load generator and the backends
+//! are pinned to core 0 and the proxy to core 1, with one worker/thread each. Rounds are
+//! interleaved (every target once per round); the table shows medians and ratios to direct.
+//!
+//! Tests, in this order for each target:
+//! - resident memory per idle WebSocket connection: the proxy's RSS grows by this much per
+//!   tunnel with `--idle` (9000) tunnels open, each having carried one 64 B echo;
+//! - WebSocket echo, 64 B and 16 KiB messages, 50 connections in a closed loop: messages/s and
+//!   round-trip p50/p99;
+//! - WebSocket handshakes/s, 32 at a time: connect, upgrade, one echo, close handshake;
+//! - TCP throughput to a sink with 1 and 8 connections, counted by the sink;
+//! - the proxy's CPU seconds for each test (utime + stime from /proc/<pid>/stat).
+//!
+//! The client frames are written by hand (masked, as RFC 6455 requires), so the load generator
+//! costs as little as it can. The backends and nginx/HAProxy configurations are in this file.
+
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::io::{self, BufRead};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use async_net::{TcpListener, TcpStream};
+use futures_lite::{future, AsyncReadExt, AsyncWriteExt};
+use smol::{LocalExecutor, Timer};
+
+/// The WebSocket key every client sends (the one from RFC 6455's example).
+const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+const ECHO_CONNS: usize = 50;
+const HANDSHAKE_PARALLEL: usize = 32;
+const TCP_CHUNK: usize = 64 * 1024;
+
+// ---------------------------------------------------------------------------------------------
+// Options
+
+struct Opts {
+    secs: f64,
+    rounds: usize,
+    idle: usize,
+    only: Option<Vec<String>>,
+}
+
+impl Opts {
+    fn parse() -> Opts {
+        let env = |k: &str| std::env::var(k).ok();
+        let mut o = Opts {
+            secs: env("BENCH_SECS")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(3.0),
+            rounds: env("BENCH_ROUNDS")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(3),
+            idle: env("BENCH_IDLE")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(9000),
+            only: None,
+        };
+        let mut args = std::env::args().skip(1);
+        while let Some(a) = args.next() {
+            let mut val = || args.next().expect("a value after the flag");
+            match a.as_str() {
+                "--quick" => {
+                    o.secs = 1.0;
+                    o.rounds = 1;
+                }
+                "--secs" => o.secs = val().parse().expect("--secs SECONDS"),
+                "--rounds" => o.rounds = val().parse().expect("--rounds N"),
+                "--idle" => o.idle = val().parse().expect("--idle CONNECTIONS"),
+                "--only" => o.only = Some(val().split(',').map(str::to_string).collect()),
+                _ => {
+                    eprintln!(
+                        "usage: bench [--quick] [--secs S] [--rounds N] [--idle N] \
+                         [--only direct,portcullis,nginx,haproxy]"
+                    );
+                    std::process::exit(2);
+                }
+            }
+        }
+        o
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// WebSocket framing (client side: masked frames; server side: unmasked)
+
+fn client_frame(opcode: u8, payload: &[u8], key: [u8; 4]) -> Vec<u8> {
+    let n = payload.len();
+    let mut f = Vec::with_capacity(n + 14);
+    f.push(0x80 | opcode);
+    if n < 126 {
+        f.push(0x80 | n as u8);
+    } else if n <= 0xffff {
+        f.push(0x80 | 126);
+        f.extend_from_slice(&(n as u16).to_be_bytes());
+    } else {
+        f.push(0x80 | 127);
+        f.extend_from_slice(&(n as u64).to_be_bytes());
+    }
+    f.extend_from_slice(&key);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    f
+}
+
+fn server_header(opcode: u8, n: usize, out: &mut Vec<u8>) {
+    out.push(0x80 | opcode);
+    if n < 126 {
+        out.push(n as u8);
+    } else if n <= 0xffff {
+        out.push(126);
+        out.extend_from_slice(&(n as u16).to_be_bytes());
+    } else {
+        out.push(127);
+        out.extend_from_slice(&(n as u64).to_be_bytes());
+    }
+}
+
+fn server_frame_len(n: usize) -> usize {
+    n + if n < 126 {
+        2
+    } else if n <= 0xffff {
+        4
+    } else {
+        10
+    }
+}
+
+fn mask_key(i: usize) -> [u8; 4] {
+    ((i as u32).wrapping_mul(2_654_435_761) | 0x0101_0101).to_le_bytes()
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn other(msg: impl Into<String>) -> io::Error {
+    io::Error::other(msg.into())
+}
+
+/// Reads an HTTP head; returns it and any bytes that followed it.
+async fn read_head(s: &mut TcpStream) -> io::Result<(Vec<u8>, Vec<u8>)> {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 2048];
+    loop {
+        let n = s.read(&mut buf).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        head.extend_from_slice(&buf[..n]);
+        if let Some(p) = find(&head, b"\r\n\r\n") {
+            let rest = head.split_off(p + 4);
+            return Ok((head, rest));
+        }
+        if head.len() > 16 * 1024 {
+            return Err(other("head too large"));
+        }
+    }
+}
+
+/// Connects to `addr` and completes a WebSocket upgrade.
+async fn ws_open(addr: SocketAddr) -> io::Result<TcpStream> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    let req = format!(
+        "GET /echo HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await?;
+    let (head, rest) = read_head(&mut s).await?;
+    if !head.starts_with(b"HTTP/1.1 101") {
+        return Err(other(format!(
+            "upgrade refused: {}",
+            String::from_utf8_lossy(&head).lines().next().unwrap_or("")
+        )));
+    }
+    if !rest.is_empty() {
+        return Err(other("bytes after the 101"));
+    }
+    Ok(s)
+}
+
+/// One echo of `frame` (a client frame carrying `len` payload bytes), checked when `expect` is
+/// given.
+async fn echo_once(
+    s: &mut TcpStream,
+    frame: &[u8],
+    reply: &mut [u8],
+    expect: Option<&[u8]>,
+) -> io::Result<()> {
+    s.write_all(frame).await?;
+    s.read_exact(reply).await?;
+    if let Some(payload) = expect {
+        let h = reply.len() - payload.len();
+        if reply[0] != 0x82 || &reply[h..] != payload {
+            return Err(other("the echo differs from what was sent"));
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The backends: a WebSocket echo server and a TCP sink, on one thread in their own process.
+
+fn run_backends() {
+    let ex = LocalExecutor::new();
+    smol::block_on(ex.run(async {
+        let ws = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let sink = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        println!(
+            "ws={} tcp={}",
+            ws.local_addr().unwrap(),
+            sink.local_addr().unwrap()
+        );
+        let ex = &ex;
+        let ws_loop = async {
+            loop {
+                if let Ok((s, _)) = ws.accept().await {
+                    ex.spawn(async move {
+                        let _ = ws_echo(s).await;
+                    })
+                    .detach();
+                }
+            }
+        };
+        let sink_loop = async {
+            loop {
+                if let Ok((s, _)) = sink.accept().await {
+                    ex.spawn(async move {
+                        let _ = tcp_sink(s).await;
+                    })
+                    .detach();
+                }
+            }
+        };
+        future::zip(ws_loop, sink_loop).await;
+    }));
+}
+
+async fn ws_echo(mut s: TcpStream) -> io::Result<()> {
+    s.set_nodelay(true)?;
+    let (head, mut buf) = read_head(&mut s).await?;
+    let text = String::from_utf8_lossy(&head);
+    let key = text
+        .lines()
+        .find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.trim()
+                .eq_ignore_ascii_case("sec-websocket-key")
+                .then(|| v.trim().to_string())
+        })
+        .ok_or_else(|| other("no key"))?;
+    let accept = async_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let resp = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Accept: {accept}\r\n\r\n"
+    );
+    s.write_all(resp.as_bytes()).await?;
+    let mut filled = buf.len();
+    buf.resize(64 * 1024, 0);
+    let mut out = Vec::with_capacity(64 * 1024);
+    loop {
+        // Answer every complete frame in the buffer, in one write.
+        let mut at = 0;
+        let mut close = false;
+        while let Some((op, start, len)) = parse_frame(&buf[at..filled]) {
+            let key = [
+                buf[at + start - 4],
+                buf[at + start - 3],
+                buf[at + start - 2],
+                buf[at + start - 1],
+            ];
+            let payload = &mut buf[at + start..at + start + len];
+            for (i, b) in payload.iter_mut().enumerate() {
+                *b ^= key[i & 3];
+            }
+            server_header(op, len, &mut out);
+            out.extend_from_slice(payload);
+            at += start + len;
+            if op == 0x8 {
+                close = true;
+                break;
+            }
+        }
+        if !out.is_empty() {
+            s.write_all(&out).await?;
+            out.clear();
+        }
+        if close {
+            // The server closes the TCP connection first (RFC 6455 §7.1.1).
+            return s.close().await;
+        }
+        buf.copy_within(at..filled, 0);
+        filled -= at;
+        if filled == buf.len() {
+            buf.resize(buf.len() * 2, 0);
+        }
+        let n = s.read(&mut buf[filled..]).await?;
+        if n == 0 {
+            return s.close().await;
+        }
+        filled += n;
+    }
+}
+
+/// A complete masked frame at the start of `b`: (opcode, payload offset, payload length).
+fn parse_frame(b: &[u8]) -> Option<(u8, usize, usize)> {
+    if b.len() < 2 {
+        return None;
+    }
+    let op = b[0] & 0x0f;
+    let (len, mut start) = match b[1] & 0x7f {
+        126 if b.len() >= 4 => (u16::from_be_bytes([b[2], b[3]]) as usize, 4),
+        127 if b.len() >= 10 => (
+            u64::from_be_bytes(b[2..10].try_into().unwrap()) as usize,
+            10,
+        ),
+        126 | 127 => return None,
+        n => (n as usize, 2),
+    };
+    start += 4; // the mask key
+    (b.len() >= start + len).then_some((op, start, len))
+}
+
+/// Reads until end of file, then answers with the number of bytes it read (u64, little end).
+async fn tcp_sink(mut s: TcpStream) -> io::Result<()> {
+    let mut buf = vec![0u8; TCP_CHUNK];
+    let mut total = 0u64;
+    loop {
+        match s.read(&mut buf).await? {
+            0 => break,
+            n => total += n as u64,
+        }
+    }
+    s.write_all(&total.to_le_bytes()).await?;
+    s.close().await
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tests (load generator side)
+
+#[derive(Default)]
+struct Outcome {
+    /// metric name → value
+    values: Vec<(&'static str, f64)>,
+}
+
+/// A flag that turns true once `d` has passed.
+fn stop_after(ex: &LocalExecutor<'_>, d: Duration) -> Rc<Cell<bool>> {
+    let stop = Rc::new(Cell::new(false));
+    let s = stop.clone();
+    ex.spawn(async move {
+        Timer::after(d).await;
+        s.set(true);
+    })
+    .detach();
+    stop
+}
+
+async fn test_echo(
+    ex: &LocalExecutor<'_>,
+    addr: SocketAddr,
+    size: usize,
+    d: Duration,
+) -> io::Result<(f64, f64, f64)> {
+    let mut conns = Vec::new();
+    for _ in 0..ECHO_CONNS {
+        conns.push(ws_open(addr).await?);
+    }
+    let mut tasks = Vec::new();
+    for (i, mut s) in conns.into_iter().enumerate() {
+        tasks.push(ex.spawn(async move {
+            let payload: Vec<u8> = (0..size).map(|j| (i + j) as u8).collect();
+            let frame = client_frame(0x2, &payload, mask_key(i));
+            let mut reply = vec![0u8; server_frame_len(size)];
+            // A checked echo first, which also warms the path up.
+            echo_once(&mut s, &frame, &mut reply, Some(&payload)).await?;
+            Ok::<_, io::Error>((s, frame, reply))
+        }));
+    }
+    let mut ready = Vec::new();
+    for t in tasks {
+        ready.push(t.await?);
+    }
+    let began = Instant::now();
+    let stop = stop_after(ex, d);
+    let mut tasks = Vec::new();
+    for (mut s, frame, mut reply) in ready {
+        let stop = stop.clone();
+        tasks.push(ex.spawn(async move {
+            let mut lat = Vec::with_capacity(1 << 16);
+            while !stop.get() {
+                let t0 = Instant::now();
+                echo_once(&mut s, &frame, &mut reply, None).await?;
+                lat.push(t0.elapsed().as_micros() as u32);
+            }
+            Ok::<_, io::Error>(lat)
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await?);
+    }
+    let secs = began.elapsed().as_secs_f64();
+    all.sort_unstable();
+    let pct = |p: f64| all[((all.len() - 1) as f64 * p) as usize] as f64;
+    Ok((all.len() as f64 / secs, pct(0.50), pct(0.99)))
+}
+
+/// Connect, upgrade, one 64 B echo, close handshake, wait for the server's FIN.
+async fn handshake_cycle(addr: SocketAddr, frame: &[u8], close: &[u8]) -> io::Result<()> {
+    let mut s = ws_open(addr).await?;
+    let mut reply = [0u8; 66];
+    echo_once(&mut s, frame, &mut reply, None).await?;
+    s.write_all(close).await?;
+    let mut rest = Vec::with_capacity(8);
+    s.read_to_end(&mut rest).await?;
+    if rest.first() != Some(&0x88) {
+        return Err(other("no close frame"));
+    }
+    Ok(())
+}
+
+async fn test_handshakes(ex: &LocalExecutor<'_>, addr: SocketAddr, d: Duration) -> io::Result<f64> {
+    let began = Instant::now();
+    let stop = stop_after(ex, d);
+    let mut tasks = Vec::new();
+    for i in 0..HANDSHAKE_PARALLEL {
+        let stop = stop.clone();
+        tasks.push(ex.spawn(async move {
+            let frame = client_frame(0x2, &[7u8; 64], mask_key(i));
+            let close = client_frame(0x8, &1000u16.to_be_bytes(), mask_key(i + 1));
+            let mut n = 0u64;
+            while !stop.get() {
+                handshake_cycle(addr, &frame, &close).await?;
+                n += 1;
+            }
+            Ok::<_, io::Error>(n)
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await?;
+    }
+    Ok(total as f64 / began.elapsed().as_secs_f64())
+}
+
+/// Bytes per second that reached the sink over `conns` connections.
+async fn test_tcp(
+    ex: &LocalExecutor<'_>,
+    addr: SocketAddr,
+    conns: usize,
+    d: Duration,
+) -> io::Result<f64> {
+    let mut streams = Vec::new();
+    for _ in 0..conns {
+        let s = TcpStream::connect(addr).await?;
+        s.set_nodelay(true)?;
+        streams.push(s);
+    }
+    let began = Instant::now();
+    let stop = stop_after(ex, d);
+    let mut tasks = Vec::new();
+    for mut s in streams {
+        let stop = stop.clone();
+        tasks.push(ex.spawn(async move {
+            let chunk = vec![0x5au8; TCP_CHUNK];
+            while !stop.get() {
+                s.write_all(&chunk).await?;
+            }
+            s.close().await?;
+            let mut count = [0u8; 8];
+            s.read_exact(&mut count).await?;
+            Ok::<_, io::Error>(u64::from_le_bytes(count))
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await?;
+    }
+    Ok(total as f64 / began.elapsed().as_secs_f64())
+}
+
+/// Opens `n` WebSocket tunnels through the proxy (each carries one echo, then idles) and
+/// returns the proxy's RSS growth per tunnel, in bytes.
+async fn test_idle(
+    ex: &LocalExecutor<'_>,
+    addr: SocketAddr,
+    pid: u32,
+    n: usize,
+) -> io::Result<f64> {
+    // A first tunnel, so the baseline counts what any first connection sets up.
+    let frame = client_frame(0x2, &[1u8; 64], mask_key(0));
+    let mut reply = [0u8; 66];
+    let mut warm = ws_open(addr).await?;
+    echo_once(&mut warm, &frame, &mut reply, None).await?;
+    drop(warm);
+    Timer::after(Duration::from_millis(200)).await;
+    let base = rss_bytes(pid)?;
+    let per = n.div_ceil(HANDSHAKE_PARALLEL);
+    let mut tasks = Vec::new();
+    for i in 0..HANDSHAKE_PARALLEL {
+        let count = per.min(n.saturating_sub(i * per));
+        tasks.push(ex.spawn(async move {
+            let frame = client_frame(0x2, &[1u8; 64], mask_key(i));
+            let mut reply = [0u8; 66];
+            let mut open = Vec::with_capacity(count);
+            for _ in 0..count {
+                let mut s = ws_open(addr).await?;
+                echo_once(&mut s, &frame, &mut reply, None).await?;
+                open.push(s);
+            }
+            Ok::<_, io::Error>(open)
+        }));
+    }
+    let mut open = Vec::new();
+    for t in tasks {
+        open.extend(t.await?);
+    }
+    Timer::after(Duration::from_millis(500)).await;
+    let grown = rss_bytes(pid)?.saturating_sub(base);
+    let per_conn = grown as f64 / open.len() as f64;
+    drop(open);
+    Timer::after(Duration::from_millis(500)).await;
+    Ok(per_conn)
+}
+
+// ---------------------------------------------------------------------------------------------
+// /proc
+
+fn rss_bytes(pid: u32) -> io::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .ok_or_else(|| other("no VmRSS"))
+}
+
+/// User + system CPU seconds of a process (all its threads).
+fn cpu_secs(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return f64::NAN;
+    };
+    let Some((_, rest)) = stat.rsplit_once(") ") else {
+        return f64::NAN;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap_or(0.0) + f[12].parse::<f64>().unwrap_or(0.0);
+    ticks / 100.0 // USER_HZ is 100 on Linux
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+// ---------------------------------------------------------------------------------------------
+// The targets
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Target {
+    Direct,
+    Portcullis,
+    Nginx,
+    Haproxy,
+}
+
+impl Target {
+    fn name(self) -> &'static str {
+        match self {
+            Target::Direct => "direct",
+            Target::Portcullis => "portcullis",
+            Target::Nginx => "nginx",
+            Target::Haproxy => "haproxy",
+        }
+    }
+}
+
+/// A proxy process, killed when dropped.
+struct Proxy {
+    child: Child,
+    ws: SocketAddr,
+    tcp: SocketAddr,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `target`'s proxy on core 1 in front of the backends.
+fn start_proxy(
+    target: Target,
+    bin: &Path,
+    dir: &Path,
+    ws_backend: SocketAddr,
+    tcp_backend: SocketAddr,
+) -> io::Result<Proxy> {
+    let (pw, pt) = (free_port(), free_port());
+    let ws: SocketAddr = format!("127.0.0.1:{pw}").parse().unwrap();
+    let tcp: SocketAddr = format!("127.0.0.1:{pt}").parse().unwrap();
+    let mut cmd = Command::new("taskset");
+    cmd.args(["-c", "1"]);
+    match target {
+        Target::Direct => unreachable!(),
+        Target::Portcullis => {
+            let file = dir.join("portcullis.toml");
+            std::fs::write(
+                &file,
+                format!(
+                    "[[ws_proxy]]\nlisten = \"{ws}\"\nbackends = [\"{ws_backend}\"]\n\n\
+                     [[tcp_proxy]]\nlisten = \"{tcp}\"\nbackends = [\"{tcp_backend}\"]\n"
+                ),
+            )?;
+            cmd.arg(bin).arg("--config").arg(&file);
+        }
+        Target::Nginx => {
+            let file = dir.join("nginx.conf");
+            let d = dir.display();
+            std::fs::write(
+                &file,
+                format!(
+                    "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n\
+                     daemon off;\nmaster_process off;\nworker_processes 1;\n\
+                     worker_rlimit_nofile 20000;\npid {d}/nginx.pid;\nerror_log {d}/nginx.err crit;\n\
+                     events {{ worker_connections 19900; }}\n\
+                     http {{\n  access_log off;\n\
+                     client_body_temp_path {d}/b; proxy_temp_path {d}/p; fastcgi_temp_path {d}/f;\n\
+                     uwsgi_temp_path {d}/u; scgi_temp_path {d}/s;\n\
+                     upstream ws {{ server {ws_backend}; }}\n\
+                     server {{\n    listen {ws} backlog=4096;\n    location / {{\n\
+                     proxy_pass http://ws;\n      proxy_http_version 1.1;\n\
+                     proxy_set_header Upgrade $http_upgrade;\n\
+                     proxy_set_header Connection \"upgrade\";\n      proxy_buffering off;\n\
+                     proxy_buffer_size 16k;\n      proxy_buffers 8 16k;\n      proxy_busy_buffers_size 32k;\n      proxy_read_timeout 1h;\n\
+                     proxy_send_timeout 1h;\n    }}\n  }}\n}}\n\
+                     stream {{\n  server {{\n    listen {tcp} backlog=4096;\n\
+                     proxy_pass {tcp_backend};\n    proxy_buffer_size 16k;\n\
+                     proxy_half_close on;\n  }}\n}}\n"
+                ),
+            )?;
+            cmd.args(["nginx", "-p"]).arg(dir).arg("-c").arg(&file);
+        }
+        Target::Haproxy => {
+            let file = dir.join("haproxy.cfg");
+            std::fs::write(
+                &file,
+                format!(
+                    "global\n  maxconn 9900\n  nbthread 1\n  tune.bufsize 16384\n\n\
+                     defaults\n  mode http\n  timeout connect 5s\n  timeout client 1h\n\
+                     timeout server 1h\n  timeout tunnel 1h\n  timeout client-fin 10s\n\
+                     timeout server-fin 10s\n\n\
+                     frontend ws\n  bind {ws}\n  default_backend ws\n\n\
+                     backend ws\n  server s1 {ws_backend}\n\n\
+                     frontend tcp\n  mode tcp\n  bind {tcp}\n  default_backend tcp\n\n\
+                     backend tcp\n  mode tcp\n  server s1 {tcp_backend}\n"
+                ),
+            )?;
+            cmd.args(["haproxy", "-db", "-f"]).arg(&file);
+        }
+    }
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        // portcullis writes an access line per connection to standard error: kept in the
+        // scratch directory (the last run's only), shown if the proxy fails to start.
+        .stderr(std::fs::File::create(dir.join("stderr.log"))?)
+        .spawn()?;
+    let proxy = Proxy { child, ws, tcp };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(ws).is_err() || std::net::TcpStream::connect(tcp).is_err() {
+        if Instant::now() > deadline {
+            let log = std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(5).collect();
+            return Err(other(format!(
+                "{} did not start listening: {}",
+                target.name(),
+                tail.join(" / ")
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(proxy)
+}
+
+fn installed(cmd: &str) -> bool {
+    Command::new(cmd)
+        .arg("-v")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Setup
+
+/// Pins this process (and the threads and processes it starts later) to core 0.
+fn pin_to_core_0() {
+    let pid = std::process::id().to_string();
+    let ok = Command::new("taskset")
+        .args(["-a", "-p", "-c", "0", &pid])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("warning: taskset failed; the figures will be noisier");
+    }
+}
+
+/// Raises this process's open-file limit to the hard limit (children inherit it).
+fn raise_nofile() {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    let hard = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(4))
+        .unwrap_or("unlimited")
+        .to_string();
+    let pid = std::process::id().to_string();
+    let _ = Command::new("prlimit")
+        .args(["--pid", &pid, &format!("--nofile={hard}:{hard}")])
+        .status();
+}
+
+fn build_portcullis() -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "--quiet",
+            "--bin",
+            "portcullis",
+            "--manifest-path",
+        ])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "building portcullis failed");
+    // This program is target/release/examples/bench; the binary is target/release/portcullis.
+    let exe = std::env::current_exe().expect("own path");
+    exe.parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("portcullis"))
+        .expect("the release directory")
+}
+
+struct Backends(Child);
+
+impl Drop for Backends {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_backends() -> (Backends, SocketAddr, SocketAddr) {
+    let mut child = Command::new(std::env::current_exe().expect("own path"))
+        .arg("--backends")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("the backends start");
+    let mut line = String::new();
+    io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .expect("the backends' addresses");
+    let mut addrs = line.split_whitespace().map(|kv| {
+        kv.split_once('=')
+            .and_then(|(_, v)| v.parse::<SocketAddr>().ok())
+            .expect("an address")
+    });
+    let (ws, tcp) = (addrs.next().unwrap(), addrs.next().unwrap());
+    (Backends(child), ws, tcp)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Main
+
+/// Rows of the table, in order: (key, label).
+const ROWS: &[(&str, &str)] = &[
+    ("echo64", "WS echo 64 B, msgs/s"),
+    ("echo64_p50", "  round trip p50, µs"),
+    ("echo64_p99", "  round trip p99, µs"),
+    ("echo16k", "WS echo 16 KiB, msgs/s"),
+    ("echo16k_p50", "  round trip p50, µs"),
+    ("echo16k_p99", "  round trip p99, µs"),
+    ("hs", "WS handshakes/s (32 at a time)"),
+    ("tcp1", "TCP 1 conn, MB/s"),
+    ("tcp8", "TCP 8 conns, MB/s"),
+    ("idle", "memory per idle WS conn, KiB"),
+    ("cpu_echo64", "proxy CPU s: echo 64 B"),
+    ("cpu_echo16k", "proxy CPU s: echo 16 KiB"),
+    ("cpu_hs", "proxy CPU s: handshakes"),
+    ("cpu_tcp1", "proxy CPU s: TCP 1 conn"),
+    ("cpu_tcp8", "proxy CPU s: TCP 8 conns"),
+];
+
+fn main() {
+    if std::env::args().nth(1).as_deref() == Some("--backends") {
+        return run_backends();
+    }
+    let opts = Opts::parse();
+    raise_nofile();
+    pin_to_core_0();
+    let bin = build_portcullis();
+    let (_backends, ws_backend, tcp_backend) = start_backends();
+    let mut targets = vec![Target::Direct, Target::Portcullis];
+    for (t, cmd) in [(Target::Nginx, "nginx"), (Target::Haproxy, "haproxy")] {
+        if installed(cmd) {
+            targets.push(t);
+        } else {
+            eprintln!("{cmd} is not installed: its column is left out");
+        }
+    }
+    if let Some(only) = &opts.only {
+        targets.retain(|t| only.iter().any(|o| o == t.name()));
+    }
+    let dir = std::env::temp_dir().join(format!("portcullis-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a scratch directory");
+    let d = Duration::from_secs_f64(opts.secs);
+    eprintln!(
+        "{} round(s) of {:.1} s per test, {} idle connections; targets: {}",
+        opts.rounds,
+        opts.secs,
+        opts.idle,
+        targets
+            .iter()
+            .map(|t| t.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let mut results: BTreeMap<(Target, &'static str), Vec<f64>> = BTreeMap::new();
+    let ex = LocalExecutor::new();
+    let started = Instant::now();
+    for round in 0..opts.rounds {
+        for &target in &targets {
+            let proxy = match target {
+                Target::Direct => None,
+                t => match start_proxy(t, &bin, &dir, ws_backend, tcp_backend) {
+                    Ok(p) => Some(p),
+                    Err(e) => {
+                        eprintln!("round {}: {}: {e}", round + 1, t.name());
+                        continue;
+                    }
+                },
+            };
+            let (ws, tcp) = proxy
+                .as_ref()
+                .map_or((ws_backend, tcp_backend), |p| (p.ws, p.tcp));
+            let pid = proxy.as_ref().map(|p| p.child.id());
+            let out = smol::block_on(ex.run(run_target(&ex, ws, tcp, pid, d, opts.idle)));
+            for (k, v) in out.values {
+                results.entry((target, k)).or_default().push(v);
+            }
+            eprintln!(
+                "round {}/{} {} done ({:.0} s)",
+                round + 1,
+                opts.rounds,
+                target.name(),
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    print_table(&targets, &results, &opts);
+}
+
+/// Every test against one target; failures are reported and leave their cells empty.
+async fn run_target(
+    ex: &LocalExecutor<'_>,
+    ws: SocketAddr,
+    tcp: SocketAddr,
+    pid: Option<u32>,
+    d: Duration,
+    idle: usize,
+) -> Outcome {
+    let mut out = Outcome::default();
+    let limit = d + Duration::from_secs(30);
+    let cpu = || pid.map_or(f64::NAN, cpu_secs);
+    if let Some(pid) = pid {
+        match bounded(limit, async {
+            test_idle(ex, ws, pid, idle).await.map(|b| vec![b])
+        })
+        .await
+        {
+            Ok(v) => out.values.push(("idle", v[0] / 1024.0)),
+            Err(e) => eprintln!("  idle connections: {e}"),
+        }
+    }
+    for (name, size) in [("echo64", 64), ("echo16k", 16 * 1024)] {
+        let c0 = cpu();
+        match bounded(limit, async {
+            test_echo(ex, ws, size, d)
+                .await
+                .map(|(r, p50, p99)| vec![r, p50, p99])
+        })
+        .await
+        {
+            Ok(v) => {
+                let (p50, p99, c) = match name {
+                    "echo64" => ("echo64_p50", "echo64_p99", "cpu_echo64"),
+                    _ => ("echo16k_p50", "echo16k_p99", "cpu_echo16k"),
+                };
+                out.values.push((name, v[0]));
+                out.values.push((p50, v[1]));
+                out.values.push((p99, v[2]));
+                out.values.push((c, cpu() - c0));
+            }
+            Err(e) => eprintln!("  {name}: {e}"),
+        }
+    }
+    let c0 = cpu();
+    match bounded(limit, async {
+        test_handshakes(ex, ws, d).await.map(|r| vec![r])
+    })
+    .await
+    {
+        Ok(v) => {
+            out.values.push(("hs", v[0]));
+            out.values.push(("cpu_hs", cpu() - c0));
+        }
+        Err(e) => eprintln!("  handshakes: {e}"),
+    }
+    for (name, cname, conns) in [("tcp1", "cpu_tcp1", 1), ("tcp8", "cpu_tcp8", 8)] {
+        let c0 = cpu();
+        match bounded(limit, async {
+            test_tcp(ex, tcp, conns, d).await.map(|r| vec![r])
+        })
+        .await
+        {
+            Ok(v) => {
+                out.values.push((name, v[0] / 1e6));
+                out.values.push((cname, cpu() - c0));
+            }
+            Err(e) => eprintln!("  {name}: {e}"),
+        }
+    }
+    out
+}
+
+async fn bounded<T>(
+    limit: Duration,
+    f: impl std::future::Future<Output = io::Result<T>>,
+) -> io::Result<T> {
+    future::or(f, async {
+        Timer::after(limit).await;
+        Err(other("timed out"))
+    })
+    .await
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn fmt_value(key: &str, v: f64) -> String {
+    if v.is_nan() {
+        "—".into()
+    } else if key.starts_with("cpu") {
+        format!("{v:.2}")
+    } else if key == "idle" {
+        format!("{v:.1}")
+    } else if key.ends_with("p50") || key.ends_with("p99") || key.starts_with("tcp") {
+        format!("{v:.0}")
+    } else if v >= 1000.0 {
+        format!("{:.1}k", v / 1000.0)
+    } else {
+        format!("{v:.0}")
+    }
+}
+
+fn print_table(targets: &[Target], results: &BTreeMap<(Target, &'static str), Vec<f64>>, o: &Opts) {
+    println!(
+        "\nportcullis benchmark: medians of {} round(s), {:.1} s per test, {} idle connections; \
+         ratios are to direct\n",
+        o.rounds, o.secs, o.idle
+    );
+    let width = 18;
+    let mut header = format!("| {:<32} |", "test");
+    let mut rule = format!("|{}|", "-".repeat(34));
+    for t in targets {
+        header += &format!(" {:>width$} |", t.name());
+        rule += &format!("{}:|", "-".repeat(width + 1));
+    }
+    println!("{header}\n{rule}");
+    for (key, label) in ROWS {
+        let direct = results.get(&(Target::Direct, *key)).map(|v| median(v));
+        let mut line = format!("| {label:<32} |");
+        for t in targets {
+            let cell = match results.get(&(*t, *key)) {
+                None => "—".to_string(),
+                Some(v) => {
+                    let m = median(v);
+                    let ratio = match direct {
+                        Some(d) if *t != Target::Direct && d > 0.0 && !key.starts_with("cpu") => {
+                            format!(" ({:.2}×)", m / d)
+                        }
+                        _ => String::new(),
+                    };
+                    format!("{}{ratio}", fmt_value(key, m))
+                }
+            };
+            line += &format!(" {cell:>width$} |");
+        }
+        println!("{line}");
+    }
+}
