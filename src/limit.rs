@@ -97,6 +97,8 @@ pub enum Refused {
     Section,
     /// The section's `max_connections_per_ip`.
     PerIp,
+    /// The process ran out of file descriptors (or socket buffers) for the backend side.
+    Exhausted,
 }
 
 impl Refused {
@@ -106,8 +108,17 @@ impl Refused {
             Refused::Global => "global max_connections",
             Refused::Section => "section max_connections",
             Refused::PerIp => "max_connections_per_ip",
+            Refused::Exhausted => "out of file descriptors",
         }
     }
+}
+
+/// Whether an error means this process ran out of a resource (EMFILE, ENFILE, ENOBUFS,
+/// ENOMEM) rather than that a peer failed: an accept that would spin if retried at once, or a
+/// backend connect that says nothing about the backend's health.
+pub(crate) fn is_exhaustion(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(23 | 24 | 105 | 12))
+        || e.kind() == std::io::ErrorKind::OutOfMemory
 }
 
 /// The process-wide connection count, shared by every section, and the drain deadline's
@@ -218,24 +229,30 @@ impl Admission {
     pub fn admit(&self, ip: IpAddr, now: Instant) -> Result<Ticket, Refused> {
         let refused = self.try_admit(ip);
         if let Err(why) = refused {
-            self.refused.fetch_add(1, Ordering::Relaxed);
-            let ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
-            let last = self.logged_at.load(Ordering::Relaxed);
-            if (ms >= last + 1000 || last == 0)
-                && self
-                    .logged_at
-                    .compare_exchange(last, ms.max(1), Ordering::Relaxed, Ordering::Relaxed)
-                    .is_ok()
-            {
-                let n = self.refused.swap(0, Ordering::Relaxed);
-                crate::log::warn!(
-                    "limit name={} refused={n} reason=\"{}\" (last: {ip})",
-                    self.name,
-                    why.reason()
-                );
-            }
+            self.refuse(why, ip, now);
         }
         refused
+    }
+
+    /// Counts a refusal of a client at `ip` for `why`, and logs it, at most once a second
+    /// for the section with the count since the last line.
+    pub fn refuse(&self, why: Refused, ip: IpAddr, now: Instant) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        let ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
+        let last = self.logged_at.load(Ordering::Relaxed);
+        if (ms >= last + 1000 || last == 0)
+            && self
+                .logged_at
+                .compare_exchange(last, ms.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let n = self.refused.swap(0, Ordering::Relaxed);
+            crate::log::warn!(
+                "limit name={} refused={n} reason=\"{}\" (last: {ip})",
+                self.name,
+                why.reason()
+            );
+        }
     }
 
     fn try_admit(&self, ip: IpAddr) -> Result<Ticket, Refused> {

@@ -63,10 +63,11 @@ impl Histogram {
 }
 
 /// Why a connection was refused before it reached a backend, as the `reason` label says it.
-const REFUSALS: [&str; 4] = [
+const REFUSALS: [&str; 5] = [
     "global_max_connections",
     "max_connections",
     "max_connections_per_ip",
+    "out_of_descriptors",
     "proxy_protocol",
 ];
 
@@ -136,13 +137,14 @@ impl Section {
             Refused::Global => 0,
             Refused::Section => 1,
             Refused::PerIp => 2,
+            Refused::Exhausted => 3,
         };
         self.refused[i].fetch_add(1, Ordering::Relaxed);
     }
 
     /// A connection was closed because its PROXY header was missing, malformed or untrusted.
     pub(crate) fn refused_proxy_header(&self) {
-        self.refused[3].fetch_add(1, Ordering::Relaxed);
+        self.refused[4].fetch_add(1, Ordering::Relaxed);
     }
 
     /// A connect to `backend` succeeded after `took`.

@@ -42,13 +42,6 @@ impl Drop for LiveGuard {
     }
 }
 
-/// Whether an accept error means the process ran out of a resource, so retrying at once would
-/// spin: EMFILE, ENFILE, ENOBUFS, ENOMEM. Anything else (a connection reset before it was
-/// accepted, say) concerns one connection only.
-fn is_exhaustion(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(23 | 24 | 105 | 12)) || e.kind() == io::ErrorKind::OutOfMemory
-}
-
 /// The connections of one proxy (or of a whole process, across reloads): how many are open,
 /// and the signal that closes them all at a drain deadline.
 #[derive(Debug)]
@@ -172,7 +165,7 @@ pub(crate) async fn accept_until<N, H, F>(
                 backoff = ACCEPT_BACKOFF_MIN;
                 tracker.spawn(net, handle(stream, peer));
             }
-            Some(Err(e)) if is_exhaustion(&e) => {
+            Some(Err(e)) if crate::limit::is_exhaustion(&e) => {
                 warn!("accept failed, retrying in {}ms: {e}", backoff.as_millis());
                 net.sleep(backoff).await;
                 backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);

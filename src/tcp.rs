@@ -286,6 +286,7 @@ impl Flow {
         let key = client_ip_key(peer.ip());
         let mut attempts = self.pool.attempts(Some(key), self.retry, started);
         let mut connected = None;
+        let mut exhausted = false;
         while let Some(mut lease) = attempts.next(net.now()) {
             let limit = attempts.connect_timeout(net.now());
             let header = self.proxy_protocol.map(|v| {
@@ -312,6 +313,15 @@ impl Flow {
                     connected = Some((stream, lease));
                     break;
                 }
+                Err(e) if limit::is_exhaustion(&e) => {
+                    // This process is out of descriptors: nothing to hold against the backend,
+                    // and no other backend would fare better. Refused, logged once a second.
+                    self.admission
+                        .refuse(limit::Refused::Exhausted, peer.ip(), net.now());
+                    self.metrics.refused(limit::Refused::Exhausted);
+                    exhausted = true;
+                    break;
+                }
                 Err(e) => {
                     warn!(
                         "tcp name={} client={peer} cannot connect to backend {}: {e}",
@@ -332,7 +342,9 @@ impl Flow {
         };
         let Some((mut upstream, lease)) = connected else {
             access.duration_ms = net.now().duration_since(started).as_millis();
-            access.end = if attempts.leased() == 0 {
+            access.end = if exhausted {
+                "refused: out of file descriptors"
+            } else if attempts.leased() == 0 {
                 "no backend available"
             } else {
                 "every backend tried failed"

@@ -351,15 +351,7 @@ impl Flow {
             Ok(_) => self.upgrade(&net, &mut client, peer, early, &mut log).await,
             Err(why) => {
                 self.metrics.refused(*why);
-                Err(Ended::Answered {
-                    status: 503,
-                    bytes: handshake::response(
-                        503,
-                        "over capacity, retry shortly",
-                        &[("Retry-After", "1")],
-                    ),
-                    why: "over a connection limit".into(),
-                })
+                Err(over_capacity("over a connection limit"))
             }
         };
         if let Some(status) = match &outcome {
@@ -539,6 +531,14 @@ impl Flow {
             }
             let mut upstream = match attempted {
                 Ok(s) => s,
+                Err(e) if limit::is_exhaustion(&e) => {
+                    // This process is out of descriptors, not the backend at fault: 503, as
+                    // over a limit, and nothing recorded against the backend's health.
+                    let why = limit::Refused::Exhausted;
+                    self.admission.refuse(why, peer.ip(), net.now());
+                    self.metrics.refused(why);
+                    return Err(over_capacity("refused: out of file descriptors"));
+                }
                 Err(e) => {
                     warn!(
                         "ws name={} client={peer} cannot connect to backend {backend}: {e}",
@@ -707,6 +707,15 @@ async fn pass_through<S: futures_lite::AsyncRead + Unpin>(
     .await;
     bytes.truncate(want);
     bytes
+}
+
+/// 503 with `Retry-After`, for a client the proxy cannot take now; `why` is the log's `end`.
+fn over_capacity(why: &str) -> Ended {
+    Ended::Answered {
+        status: 503,
+        bytes: handshake::response(503, "over capacity, retry shortly", &[("Retry-After", "1")]),
+        why: why.into(),
+    }
 }
 
 /// How a connection ended before it became a tunnel.

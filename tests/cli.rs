@@ -868,3 +868,167 @@ fn the_admin_endpoint_serves_metrics_that_match_the_traffic_and_readiness() {
         Some(0)
     );
 }
+
+/// The proxy's CPU time so far (user + system), from /proc.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<u64> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    // utime and stime are fields 14 and 15, in clock ticks of 1/100 s.
+    Duration::from_millis((fields[11] + fields[12]) * 10)
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+#[test]
+fn out_of_descriptors_it_keeps_its_tunnels_backs_off_and_serves_again_when_they_free_up() {
+    let backend = echo_backend();
+    let file = config_file(
+        "nofile.toml",
+        &format!(
+            "[[tcp_proxy]]\nname = \"low\"\nlisten = \"127.0.0.1:0\"\nbackends = [\"{backend}\"]\n"
+        ),
+    );
+    // Headroom for 6 tunnels (2 descriptors each) over what the idle process holds.
+    let probe = start(&["--config", file.to_str().unwrap()], 1);
+    let idle_fds = open_fds(probe.child.id());
+    drop(probe);
+    let limit = idle_fds + 12;
+    let mut command = Command::new("sh");
+    command.args([
+        "-c",
+        &format!("ulimit -n {limit} && exec \"$0\" \"$@\""),
+        env!("CARGO_BIN_EXE_portcullis"),
+        "--config",
+        file.to_str().unwrap(),
+    ]);
+    let mut proxy = {
+        // `start` takes arguments for the binary; run it through the shell by hand here.
+        let mut child = command.stderr(Stdio::piped()).spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                log2.lock().unwrap().push(line);
+            }
+        });
+        let (_tx, lines) = mpsc::channel();
+        let mut running = Running {
+            child,
+            lines,
+            log,
+            addrs: Vec::new(),
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let addr = loop {
+            let log = running.log.lock().unwrap().clone();
+            if let Some(l) = log.iter().find(|l| l.contains(" listening ")) {
+                break l
+                    .split("addr=")
+                    .nth(1)
+                    .unwrap()
+                    .split_whitespace()
+                    .next()
+                    .unwrap()
+                    .to_string();
+            }
+            assert!(std::time::Instant::now() < deadline, "no listening line");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        running.addrs.push(("low".into(), addr.parse().unwrap()));
+        running
+    };
+    let pid = proxy.child.id();
+    let addr = proxy.addr("low");
+    let echo = |s: &mut TcpStream, what: &[u8]| -> bool {
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        if s.write_all(what).is_err() {
+            return false;
+        }
+        let mut got = vec![0u8; what.len()];
+        s.read_exact(&mut got).is_ok() && got == what
+    };
+    // Fill every descriptor, and then some: connections past the limit wait in the backlog
+    // (or, when only the backend's descriptor is missing, are closed at once).
+    let mut tunnels = Vec::new();
+    for i in 0..12 {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let ok = echo(&mut s, format!("tunnel {i}").as_bytes());
+        tunnels.push((s, ok));
+    }
+    let served = tunnels.iter().filter(|(_, ok)| *ok).count();
+    assert!(
+        (3..=6).contains(&served),
+        "{served} tunnels served with room for 6"
+    );
+    // Exhausted: it says so (once a second, not once a connection), does not spin, and its
+    // tunnels still carry bytes.
+    std::thread::sleep(Duration::from_millis(300));
+    let before = cpu_time(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let spent = cpu_time(pid) - before;
+    assert!(
+        spent < Duration::from_millis(200),
+        "{spent:?} of CPU in 2 s while exhausted"
+    );
+    for (s, _) in tunnels.iter_mut().filter(|(_, ok)| *ok) {
+        assert!(echo(s, b"still here"), "an established tunnel stopped");
+    }
+    let log = proxy.log.lock().unwrap().clone();
+    let refusals = log
+        .iter()
+        .filter(|l| l.contains("reason=\"out of file descriptors\""))
+        .count();
+    assert!(
+        (1..=3).contains(&refusals),
+        "{refusals} refusal lines: {log:#?}"
+    );
+    assert!(
+        !log.iter().any(|l| l.contains("backend down")),
+        "its own exhaustion was held against the backend: {log:#?}"
+    );
+    // Descriptors free up: served again at once (the backend was never ejected), and the
+    // connections that waited in the backlog are served or were refused, none left hanging.
+    let (alive, waiting): (Vec<_>, Vec<_>) = tunnels.into_iter().partition(|(_, ok)| *ok);
+    drop(alive);
+    // (The tunnels' descriptors are freed as their closes go through, within milliseconds.)
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let mut fresh = TcpStream::connect(addr).unwrap();
+        if echo(&mut fresh, b"served again") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not serving after the exhaustion"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for (i, (mut s, _)) in waiting.into_iter().enumerate() {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut got = Vec::new();
+        let ended = s.read_to_end(&mut got);
+        let want = format!("tunnel {}", served + i).into_bytes();
+        assert!(
+            ended.is_err() || got.is_empty() || got == want,
+            "a waiting connection got {got:?}"
+        );
+    }
+    signal(&proxy.child, "TERM");
+    assert_eq!(
+        exit_within(&mut proxy.child, Duration::from_secs(5)),
+        Some(0)
+    );
+}
