@@ -352,8 +352,94 @@ pub fn render() -> String {
     render_at(Instant::now())
 }
 
-/// How a per-section series reads its value.
-type SectionValue = fn(&Section) -> u64;
+/// The series of one section in a family: the labels beyond `kind` and `section`, and the
+/// value.
+type Series = Vec<(Vec<(&'static str, String)>, u64)>;
+
+/// How a family reads one section's series.
+type SeriesOf = fn(&Section) -> Series;
+
+/// How a histogram family finds one section's histogram, if the section has one.
+type HistogramOf = fn(&Section) -> Option<&Histogram>;
+
+/// The per-section families: name, type, help, and how to read one section's series.
+const FAMILIES: [(&str, &str, &str, SeriesOf); 8] = [
+    (
+        "portcullis_connections_accepted_total",
+        "counter",
+        "Connections accepted.",
+        |s| vec![(vec![], s.accepted.load(Ordering::Relaxed))],
+    ),
+    (
+        "portcullis_connections_active",
+        "gauge",
+        "Connections open now.",
+        |s| vec![(vec![], s.active.load(Ordering::Relaxed).max(0) as u64)],
+    ),
+    (
+        "portcullis_connections_refused_total",
+        "counter",
+        "Connections refused before reaching a backend: over a limit, out of descriptors, or a bad PROXY header.",
+        |s| {
+            let count = |(i, reason): (usize, &&str)| {
+                (vec![("reason", reason.to_string())], s.refused[i].load(Ordering::Relaxed))
+            };
+            REFUSALS.iter().enumerate().map(count).collect()
+        },
+    ),
+    (
+        "portcullis_connections_closed_total",
+        "counter",
+        "Connections ended, by how they ended (as the access log's `end`).",
+        |s| {
+            let ends = s.labelled().ends.clone();
+            ends.into_iter().map(|(end, v)| (vec![("end", end.to_string())], v)).collect()
+        },
+    ),
+    (
+        "portcullis_bytes_total",
+        "counter",
+        "Bytes relayed by connections that have ended, each way.",
+        |s| {
+            let each = [("to_backend", &s.to_backend), ("to_client", &s.to_client)];
+            let count = |(direction, n): (&str, &AtomicU64)| {
+                (vec![("direction", direction.to_string())], n.load(Ordering::Relaxed))
+            };
+            each.into_iter().map(count).collect()
+        },
+    ),
+    (
+        "portcullis_handshakes_total",
+        "counter",
+        "WebSocket upgrade requests answered, by the status the client got.",
+        |s| {
+            let statuses = s.labelled().handshakes.clone();
+            let count = |(status, v): (u16, u64)| (vec![("status", status.to_string())], v);
+            statuses.into_iter().map(count).collect()
+        },
+    ),
+    (
+        "portcullis_backend_connections_total",
+        "counter",
+        "Connects to a backend that succeeded.",
+        |s| {
+            let connects = s.labelled().connects.clone();
+            connects.into_iter().map(|(b, v)| (vec![("backend", b)], v)).collect()
+        },
+    ),
+    (
+        "portcullis_backend_connect_failures_total",
+        "counter",
+        "Connects to a backend (or WebSocket upgrades) that failed, by reason.",
+        |s| {
+            let failures = s.labelled().failures.clone();
+            let count = |((backend, reason), v): ((String, &'static str), u64)| {
+                (vec![("backend", backend), ("reason", reason.to_string())], v)
+            };
+            failures.into_iter().map(count).collect()
+        },
+    ),
+];
 
 /// How a per-backend gauge reads its value at a time.
 type BackendValue = fn(&Backend, Instant) -> usize;
@@ -378,127 +464,35 @@ fn render_at(now: Instant) -> String {
         1,
     );
 
-    let counters: [(&str, &str, SectionValue); 2] = [
-        (
-            "portcullis_connections_accepted_total",
-            "Connections accepted.",
-            |s| s.accepted.load(Ordering::Relaxed),
-        ),
-        (
-            "portcullis_connections_active",
-            "Connections open now.",
-            |s| s.active.load(Ordering::Relaxed).max(0) as u64,
-        ),
-    ];
-    for (name, help, value) in counters {
-        let kind = if name.ends_with("_total") {
-            "counter"
-        } else {
-            "gauge"
-        };
+    for (name, kind, help, series) in FAMILIES {
         out.family(name, kind, help);
         for s in &all {
-            out.sample(name, &section_labels(s), value(s));
+            for (extra, value) in series(s) {
+                let mut labels = section_labels(s).to_vec();
+                labels.extend(extra.iter().map(|(k, v)| (*k, v.as_str())));
+                out.sample(name, &labels, value);
+            }
         }
     }
 
-    let name = "portcullis_connections_refused_total";
-    out.family(
-        name,
-        "counter",
-        "Connections refused before reaching a backend: over a limit, or a bad PROXY header.",
-    );
-    for s in &all {
-        for (i, reason) in REFUSALS.iter().enumerate() {
-            let [k, n] = section_labels(s);
-            let v = s.refused[i].load(Ordering::Relaxed);
-            out.sample(name, &[k, n, ("reason", reason)], v);
-        }
-    }
-
-    let name = "portcullis_connections_closed_total";
-    out.family(
-        name,
-        "counter",
-        "Connections ended, by how they ended (as the access log's `end`).",
-    );
-    for s in &all {
-        let ends = s.labelled().ends.clone();
-        for (end, v) in ends {
-            let [k, n] = section_labels(s);
-            out.sample(name, &[k, n, ("end", end)], v);
-        }
-    }
-
-    let name = "portcullis_bytes_total";
-    out.family(
-        name,
-        "counter",
-        "Bytes relayed by connections that have ended, each way.",
-    );
-    for s in &all {
-        for (direction, v) in [("to_backend", &s.to_backend), ("to_client", &s.to_client)] {
-            let [k, n] = section_labels(s);
-            let v = v.load(Ordering::Relaxed);
-            out.sample(name, &[k, n, ("direction", direction)], v);
-        }
-    }
-
-    let name = "portcullis_handshakes_total";
-    out.family(
-        name,
-        "counter",
-        "WebSocket upgrade requests answered, by the status the client got.",
-    );
-    for s in all.iter().filter(|s| s.kind == "ws") {
-        let statuses = s.labelled().handshakes.clone();
-        for (status, v) in statuses {
-            let [k, n] = section_labels(s);
-            out.sample(name, &[k, n, ("status", &status.to_string())], v);
-        }
-    }
-
-    let name = "portcullis_connect_duration_seconds";
-    out.family(
-        name,
-        "histogram",
-        "Time to connect to a backend, for connects that succeeded.",
-    );
-    for s in &all {
-        out.histogram(name, &section_labels(s), &s.connect);
-    }
-
-    let name = "portcullis_handshake_duration_seconds";
-    out.family(
-        name,
-        "histogram",
-        "Time from accepting a WebSocket client to answering its upgrade request.",
-    );
-    for s in all.iter().filter(|s| s.kind == "ws") {
-        out.histogram(name, &section_labels(s), &s.handshake);
-    }
-
-    let name = "portcullis_backend_connections_total";
-    out.family(name, "counter", "Connects to a backend that succeeded.");
-    for s in &all {
-        let connects = s.labelled().connects.clone();
-        for (backend, v) in connects {
-            let [k, n] = section_labels(s);
-            out.sample(name, &[k, n, ("backend", &backend)], v);
-        }
-    }
-
-    let name = "portcullis_backend_connect_failures_total";
-    out.family(
-        name,
-        "counter",
-        "Connects to a backend (or WebSocket upgrades) that failed, by reason.",
-    );
-    for s in &all {
-        let failures = s.labelled().failures.clone();
-        for ((backend, reason), v) in failures {
-            let [k, n] = section_labels(s);
-            out.sample(name, &[k, n, ("backend", &backend), ("reason", reason)], v);
+    let histograms: [(&str, &str, HistogramOf); 2] = [
+        (
+            "portcullis_connect_duration_seconds",
+            "Time to connect to a backend, for connects that succeeded.",
+            |s| Some(&s.connect),
+        ),
+        (
+            "portcullis_handshake_duration_seconds",
+            "Time from accepting a WebSocket client to answering its upgrade request.",
+            |s| (s.kind == "ws").then_some(&s.handshake),
+        ),
+    ];
+    for (name, help, histogram) in histograms {
+        out.family(name, "histogram", help);
+        for s in &all {
+            if let Some(h) = histogram(s) {
+                out.histogram(name, &section_labels(s), h);
+            }
         }
     }
 
