@@ -14,9 +14,14 @@
 //!
 //! - [`run_seeds`] and [`test_name!`]: run a scenario for one fixed seed, or `SEEDS=N` seeds, or
 //!   the single seed `SEED=S`, and name the failing seed with a one-line replay command;
+//!   [`run_seed_list`] with [`seeds_or`] does the same for a campaign with its own default
+//!   count, or for a regression test pinned to a seed;
+//! - [`live_streams`] and [`live_tasks`]: how many [`SimStream`]s and tasks spawned through
+//!   [`SimNet`] exist now, so a scenario can check the proxy let go of all of them;
 //! - [`serve_proxy`], [`echo_server`] and [`echo`]: the software of the proxy and backend hosts;
 //!   [`counting_echo_server`] also records each connection it accepts ([`EchoStats`]), so a
-//!   scenario can count what each backend of a pool got, and when;
+//!   scenario can count what each backend of a pool got, and when (and, by the first byte, which
+//!   client stream each connection carried);
 //! - [`serve_ws_proxy`] and [`ws_backend`]: the same for the WebSocket flow, the backend a
 //!   minimal one that reads the forwarded head with the proxy's own `read_head`, answers
 //!   ([`WsAnswer`]) with a 101, silence or a hang-up, echoes, and records what it saw
@@ -39,7 +44,10 @@
 //! ejection of a crashed backend and its trial, an active check catching a silent partition, a
 //! WebSocket backend ejected after upgrade timeouts, weighted shares over 10 000 connections),
 //! `operations` (a drain of 1 000 tunnels, the idle timeout and maximum connection age firing
-//! on time, accept failures with `EMFILE` injected through [`AcceptFaults`] backing off). Run
+//! on time, accept failures with `EMFILE` injected through [`AcceptFaults`] backing off),
+//! `campaign` (a random scenario per seed, 200 seeds by default: TCP and WebSocket clients,
+//! 2 to 4 backends, sizes, latencies, half-closes, aborts, crashes and bounces, partitions,
+//! holds, lossy links, mid-run shutdowns, with the invariants checked after each run). Run
 //! them with `cargo test -p sim`; `SEEDS=20 cargo test -p sim` tries 20 seeds each, and a failure
 //! prints its seed and the command that replays it.
 //!
@@ -87,7 +95,117 @@ pub const FIRST_SEED: u64 = 0x5EED_0000;
 
 /// The stream type of [`SimNet`]: a turmoil TCP stream seen through the futures-io traits the
 /// flows are written against. Its `poll_close` sends a FIN (a half-close), as on a real socket.
-pub type SimStream = Compat<turmoil::net::TcpStream>;
+///
+/// Every one is counted while it exists ([`live_streams`]), so a scenario can check that the
+/// proxy let go of every socket it accepted or connected, whatever turmoil's own count says
+/// (turmoil keeps counting a socket whose connect was abandoned).
+pub struct SimStream {
+    inner: Compat<turmoil::net::TcpStream>,
+    _live: Live,
+}
+
+impl fmt::Debug for SimStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SimStream")
+            .field("peer", &self.inner.get_ref().peer_addr().ok())
+            .finish()
+    }
+}
+
+impl SimStream {
+    fn new(stream: turmoil::net::TcpStream) -> Self {
+        SimStream {
+            inner: stream.compat(),
+            _live: Live::new(Counter::Streams),
+        }
+    }
+}
+
+impl futures_lite::io::AsyncRead for SimStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut [u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl futures_lite::io::AsyncWrite for SimStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_close(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_close(cx)
+    }
+}
+
+/// What a [`Live`] guard counts.
+#[derive(Debug, Clone, Copy)]
+enum Counter {
+    Streams,
+    Tasks,
+}
+
+thread_local! {
+    /// Live [`SimStream`]s and live tasks spawned by [`SimNet`] on this thread (a simulation
+    /// runs on the thread of its test, so concurrent tests do not see each other's).
+    static LIVE: std::cell::Cell<[usize; 2]> = const { std::cell::Cell::new([0, 0]) };
+}
+
+/// Counts one stream or task while it exists: from its creation until it is dropped, which
+/// for a task includes being dropped unfinished when its host crashes.
+#[derive(Debug)]
+struct Live(Counter);
+
+impl Live {
+    fn new(counter: Counter) -> Self {
+        LIVE.with(|l| {
+            let mut v = l.get();
+            v[counter as usize] += 1;
+            l.set(v);
+        });
+        Live(counter)
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        // A thread being torn down has nothing left to count.
+        let _ = LIVE.try_with(|l| {
+            let mut v = l.get();
+            v[self.0 as usize] -= 1;
+            l.set(v);
+        });
+    }
+}
+
+/// [`SimStream`]s that exist now on this thread: every socket the proxy accepted or connected
+/// through [`SimNet`] and has not dropped yet.
+pub fn live_streams() -> usize {
+    LIVE.with(|l| l.get()[Counter::Streams as usize])
+}
+
+/// Tasks spawned through [`SimNet`]'s `spawn` on this thread that have neither finished nor
+/// been dropped (by a crash of their host).
+pub fn live_tasks() -> usize {
+    LIVE.with(|l| l.get()[Counter::Tasks as usize])
+}
 
 /// The turmoil implementation of [`portcullis::Net`].
 ///
@@ -151,7 +269,7 @@ impl portcullis::Listener for SimListener {
             faults.on_accept()?;
         }
         let (stream, peer) = self.inner.accept().await?;
-        Ok((stream.compat(), peer))
+        Ok((SimStream::new(stream), peer))
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -240,7 +358,7 @@ impl portcullis::Net for SimNet {
     async fn connect(&self, addr: &str) -> io::Result<SimStream> {
         turmoil::net::TcpStream::connect(addr)
             .await
-            .map(TokioAsyncReadCompatExt::compat)
+            .map(SimStream::new)
     }
 
     async fn sleep(&self, d: Duration) {
@@ -254,7 +372,9 @@ impl portcullis::Net for SimNet {
     }
 
     fn spawn<F: Future<Output = ()> + Send + 'static>(&self, f: F) {
+        let live = Live::new(Counter::Tasks);
         tokio::spawn(async move {
+            let _live = live;
             if let Err(payload) = AssertUnwindSafe(f).catch_unwind().await {
                 let message = panic_message(payload.as_ref());
                 TASK_PANICS.with(|p| p.borrow_mut().push(message));
@@ -289,10 +409,16 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 /// The seeds to run: `SEED=S` runs only `S` (to replay a failure); otherwise `SEEDS=N` (default
 /// 1) runs `N` seeds starting at [`FIRST_SEED`].
 pub fn seeds() -> Vec<u64> {
+    seeds_or(1)
+}
+
+/// [`seeds`] for a scenario that runs `default` seeds when `SEEDS` is unset (a campaign);
+/// `SEED=S` still runs only `S`, and `SEEDS=N` runs `N`.
+pub fn seeds_or(default: u64) -> Vec<u64> {
     if let Some(seed) = env_u64("SEED") {
         return vec![seed];
     }
-    let n = env_u64("SEEDS").unwrap_or(1).max(1);
+    let n = env_u64("SEEDS").unwrap_or(default).max(1);
     (FIRST_SEED..FIRST_SEED + n).collect()
 }
 
@@ -337,9 +463,19 @@ macro_rules! test_name {
 ///     });
 /// }
 /// ```
-pub fn run_seeds(name: &str, mut scenario: impl FnMut(u64) -> turmoil::Result) {
+pub fn run_seeds(name: &str, scenario: impl FnMut(u64) -> turmoil::Result) {
+    run_seed_list(name, seeds(), scenario);
+}
+
+/// [`run_seeds`] over the given `seeds`: for a campaign's own default count ([`seeds_or`]),
+/// or a regression test pinned to the seed that found its bug.
+pub fn run_seed_list(
+    name: &str,
+    seeds: impl IntoIterator<Item = u64>,
+    mut scenario: impl FnMut(u64) -> turmoil::Result,
+) {
     let (target, test) = name.split_once("::").unwrap_or(("<test file>", name));
-    for seed in seeds() {
+    for seed in seeds {
         take_task_panics();
         let outcome = panic::catch_unwind(AssertUnwindSafe(|| scenario(seed)));
         let panics = take_task_panics();
@@ -399,6 +535,23 @@ pub async fn echo(stream: turmoil::net::TcpStream) -> io::Result<u64> {
     Ok(n)
 }
 
+/// [`echo`], telling `first` the first byte read before echoing it.
+async fn echo_noting_first_byte(
+    stream: turmoil::net::TcpStream,
+    first: impl FnOnce(u8),
+) -> io::Result<u64> {
+    let (mut r, mut w) = stream.into_split();
+    let mut buf = [0u8; 1];
+    let mut n = 0;
+    if r.read(&mut buf).await? == 1 {
+        first(buf[0]);
+        w.write_all(&buf).await?;
+        n = 1 + tokio::io::copy(&mut r, &mut w).await?;
+    }
+    w.shutdown().await?;
+    Ok(n)
+}
+
 /// One connection a [`counting_echo_server`] accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Accepted {
@@ -408,6 +561,9 @@ pub struct Accepted {
     /// open, or when it failed or the host crashed first. A TCP health probe connects and
     /// closes at once, so it shows as `Some(0)`: a client connection carries bytes.
     pub echoed: Option<u64>,
+    /// The first byte it received, if any: with streams whose first [`pattern_byte`]s differ,
+    /// it tells which client stream this connection carried.
+    pub first_byte: Option<u8>,
 }
 
 /// What a [`counting_echo_server`] saw, shared with the test (hosts and the test run on one
@@ -460,13 +616,16 @@ pub async fn counting_echo_server(port: u16, log: EchoLog) -> turmoil::Result {
             stats.conns.push(Accepted {
                 at: sim_time(),
                 echoed: None,
+                first_byte: None,
             });
             stats.open += 1;
             stats.conns.len() - 1
         };
         let open = Open(log.clone());
         tokio::task::spawn_local(async move {
-            if let Ok(n) = echo(stream).await {
+            let log = open.0.clone();
+            let first = |b: u8| log.borrow_mut().conns[i].first_byte = Some(b);
+            if let Ok(n) = echo_noting_first_byte(stream, first).await {
                 open.0.borrow_mut().conns[i].echoed = Some(n);
             }
             drop(open);
@@ -491,15 +650,27 @@ pub fn pattern_byte(stream: u64, i: u64) -> u8 {
 
 /// Bytes `offset..offset + len` of the deterministic stream `stream` (see [`pattern_byte`]).
 pub fn pattern(stream: u64, offset: u64, len: usize) -> Vec<u8> {
-    (offset..offset + len as u64)
-        .map(|i| pattern_byte(stream, i))
-        .collect()
+    // One mix per 8 bytes rather than per byte: a debug build spends most of a campaign's
+    // time here otherwise.
+    let key = splitmix(stream);
+    let mut out = Vec::with_capacity(len);
+    let mut i = offset;
+    let end = offset + len as u64;
+    while i < end {
+        let word = splitmix(key ^ (i / 8)).to_le_bytes();
+        let from = (i % 8) as usize;
+        let take = (8 - from).min((end - i) as usize);
+        out.extend_from_slice(&word[from..from + take]);
+        i += take as u64;
+    }
+    out
 }
 
 /// Checks that `received` is a prefix of stream `stream`: every byte arrived once and in order,
 /// with nothing extra. The error names the first byte that differs.
 pub fn check_prefix(stream: u64, received: &[u8]) -> Result<(), String> {
-    match (0..received.len()).find(|&i| received[i] != pattern_byte(stream, i as u64)) {
+    let expected = pattern(stream, 0, received.len());
+    match (0..received.len()).find(|&i| received[i] != expected[i]) {
         None => Ok(()),
         Some(i) => Err(format!(
             "stream {stream}: byte {i} of {} is {:#04x}, expected {:#04x}",
@@ -856,6 +1027,12 @@ mod tests {
     fn patterns_are_deterministic_and_streams_differ() {
         assert_eq!(pattern(7, 0, 64), pattern(7, 0, 64));
         assert_eq!(pattern(7, 10, 20), pattern(7, 0, 30)[10..]);
+        for (offset, len) in [(0, 0), (0, 1), (3, 5), (5, 17), (8, 8), (13, 100)] {
+            let bytes: Vec<u8> = (offset..offset + len as u64)
+                .map(|i| pattern_byte(7, i))
+                .collect();
+            assert_eq!(pattern(7, offset, len), bytes, "offset {offset}, len {len}");
+        }
         assert_ne!(pattern(7, 0, 64), pattern(8, 0, 64));
         assert!(check_prefix(7, &pattern(7, 0, 1000)).is_ok());
         let mut shifted = pattern(7, 0, 100);
