@@ -6,7 +6,9 @@
 //! cargo run --release --example bench -- --quick         # 1 round of 1 s per test
 //! cargo run --release --example bench -- --secs 2 --rounds 2 --idle 2000 --only direct,portcullis
 //! ```
-//! (`BENCH_SECS`, `BENCH_ROUNDS` and `BENCH_IDLE` set the same defaults from the environment.)
+//! (`BENCH_SECS`, `BENCH_ROUNDS` and `BENCH_IDLE` set the same defaults from the environment;
+//! `BENCH_BASELINE=path/to/portcullis` adds a column for another build, e.g. before a change,
+//! run with the environment in `BENCH_BASELINE_ENV="K=V ..."`, e.g. `PORTCULLIS_SPLICE=0`.)
 //!
 //! It builds the release `portcullis` binary, starts a WebSocket echo backend and a TCP sink
 //! backend (this same program, `--backends`, in a second process) and, for each target in turn,
@@ -577,6 +579,8 @@ fn free_port() -> u16 {
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 enum Target {
     Direct,
+    /// Another portcullis binary (`BENCH_BASELINE=path`), e.g. before a change.
+    Baseline,
     Portcullis,
     Nginx,
     Haproxy,
@@ -586,6 +590,7 @@ impl Target {
     fn name(self) -> &'static str {
         match self {
             Target::Direct => "direct",
+            Target::Baseline => "baseline",
             Target::Portcullis => "portcullis",
             Target::Nginx => "nginx",
             Target::Haproxy => "haproxy",
@@ -622,7 +627,7 @@ fn start_proxy(
     cmd.args(["-c", "1"]);
     match target {
         Target::Direct => unreachable!(),
-        Target::Portcullis => {
+        Target::Portcullis | Target::Baseline => {
             let file = dir.join("portcullis.toml");
             std::fs::write(
                 &file,
@@ -631,7 +636,19 @@ fn start_proxy(
                      [[tcp_proxy]]\nlisten = \"{tcp}\"\nbackends = [\"{tcp_backend}\"]\n"
                 ),
             )?;
+            let baseline = std::env::var_os("BENCH_BASELINE").map(PathBuf::from);
+            let bin = match target {
+                Target::Baseline => baseline.as_deref().unwrap_or(bin),
+                _ => bin,
+            };
             cmd.arg(bin).arg("--config").arg(&file);
+            if target == Target::Baseline {
+                // BENCH_BASELINE_ENV="K=V K2=V2": environment for the baseline only.
+                let env = std::env::var("BENCH_BASELINE_ENV").unwrap_or_default();
+                for (k, v) in env.split_whitespace().filter_map(|kv| kv.split_once('=')) {
+                    cmd.env(k, v);
+                }
+            }
         }
         Target::Nginx => {
             let file = dir.join("nginx.conf");
@@ -825,6 +842,9 @@ fn main() {
     let bin = build_portcullis();
     let (_backends, ws_backend, tcp_backend) = start_backends();
     let mut targets = vec![Target::Direct, Target::Portcullis];
+    if std::env::var_os("BENCH_BASELINE").is_some() {
+        targets.insert(1, Target::Baseline);
+    }
     for (t, cmd) in [(Target::Nginx, "nginx"), (Target::Haproxy, "haproxy")] {
         if installed(cmd) {
             targets.push(t);

@@ -220,3 +220,170 @@ impl Net for SmolNet {
         async_net::resolve(addr).await
     }
 }
+
+/// The two directions of a tunnel between two plain sockets of [`SmolNet`], as [`Splicer`]s
+/// (client to backend, backend to client); `None` when either stream is anything else (the
+/// simulator's, a test's, a TLS stream) or when `PORTCULLIS_SPLICE=0` is set.
+#[cfg(target_os = "linux")]
+pub(crate) fn splicers<C: std::any::Any, B: std::any::Any>(
+    client: &C,
+    backend: &B,
+) -> Option<(Splicer, Splicer)> {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if !*ENABLED.get_or_init(|| std::env::var_os("PORTCULLIS_SPLICE").is_none_or(|v| v != "0")) {
+        return None;
+    }
+    let socket = |s: &dyn std::any::Any| {
+        s.downcast_ref::<async_net::TcpStream>()
+            .map(|s| Arc::<smol::Async<std::net::TcpStream>>::from(s.clone()))
+    };
+    let (c, b) = (socket(client)?, socket(backend)?);
+    Some((Splicer::new(c.clone(), b.clone()), Splicer::new(b, c)))
+}
+
+#[cfg(target_os = "linux")]
+pub(crate) use splice::Splicer;
+
+/// Tunnel bytes moved with splice(2): socket → pipe → socket, never copied into user space.
+#[cfg(target_os = "linux")]
+mod splice {
+    use std::cell::RefCell;
+    use std::io;
+    use std::net::TcpStream;
+    use std::os::fd::OwnedFd;
+    use std::sync::Arc;
+    use std::task::{Context, Poll};
+
+    use rustix::io::Errno;
+    use rustix::pipe::{pipe_with, splice, PipeFlags, SpliceFlags};
+    use smol::Async;
+
+    /// The most one splice into the pipe asks for: a pipe's default capacity.
+    const CHUNK: usize = 64 * 1024;
+
+    /// Empty pipes kept per thread for the next burst, so a busy proxy does not create and close
+    /// a pipe per message, while an idle tunnel holds no pipe (and no descriptors) at all.
+    const POOL_MAX: usize = 64;
+
+    struct Pipe {
+        read: OwnedFd,
+        write: OwnedFd,
+    }
+
+    std::thread_local! {
+        static POOL: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
+    }
+
+    fn take_pipe() -> io::Result<Pipe> {
+        if let Some(p) = POOL.with(|pool| pool.borrow_mut().pop()) {
+            return Ok(p);
+        }
+        let (read, write) = pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)?;
+        Ok(Pipe { read, write })
+    }
+
+    /// Gives an empty pipe back to this thread's pool (or closes it when the pool is full).
+    fn give_pipe(pipe: Pipe) {
+        POOL.with(|pool| {
+            let mut pool = pool.borrow_mut();
+            if pool.len() < POOL_MAX {
+                pool.push(pipe);
+            }
+        });
+    }
+
+    /// One direction of a spliced tunnel: from `src` into a pipe, from the pipe to `dst`.
+    pub(crate) struct Splicer {
+        src: Arc<Async<TcpStream>>,
+        dst: Arc<Async<TcpStream>>,
+        /// Held only while bytes are in it (waiting for `dst` to take them).
+        pipe: Option<Pipe>,
+        in_pipe: usize,
+    }
+
+    impl std::fmt::Debug for Splicer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("Splicer")
+                .field("in_pipe", &self.in_pipe)
+                .finish_non_exhaustive()
+        }
+    }
+
+    impl Splicer {
+        pub(crate) fn new(src: Arc<Async<TcpStream>>, dst: Arc<Async<TcpStream>>) -> Self {
+            Splicer {
+                src,
+                dst,
+                pipe: None,
+                in_pipe: 0,
+            }
+        }
+
+        /// Moves one chunk: `Ready(Ok(n))` after writing `n > 0` bytes to `dst`, `Ready(Ok(0))`
+        /// at the end of `src` with nothing left in the pipe, `Pending` when `src` has nothing
+        /// or `dst` takes nothing now. An error says whether it was reading (`true`) or writing.
+        pub(crate) fn poll_move(
+            &mut self,
+            cx: &mut Context<'_>,
+        ) -> Poll<Result<usize, (bool, io::Error)>> {
+            let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
+            loop {
+                if let (Some(pipe), true) = (&self.pipe, self.in_pipe > 0) {
+                    match splice(
+                        &pipe.read,
+                        None,
+                        self.dst.get_ref(),
+                        None,
+                        self.in_pipe,
+                        flags,
+                    ) {
+                        Ok(0) => return Poll::Ready(Err((false, io::ErrorKind::WriteZero.into()))),
+                        Ok(n) => {
+                            self.in_pipe -= n;
+                            if self.in_pipe == 0 {
+                                give_pipe(self.pipe.take().expect("a pipe"));
+                            }
+                            return Poll::Ready(Ok(n));
+                        }
+                        Err(Errno::INTR) => {}
+                        Err(Errno::AGAIN) => match self.dst.poll_writable(cx) {
+                            Poll::Ready(Ok(())) => {}
+                            Poll::Ready(Err(e)) => return Poll::Ready(Err((false, e))),
+                            Poll::Pending => return Poll::Pending,
+                        },
+                        Err(e) => return Poll::Ready(Err((false, e.into()))),
+                    }
+                } else {
+                    let pipe = match self.pipe.take() {
+                        Some(p) => p,
+                        None => take_pipe().map_err(|e| (true, e))?,
+                    };
+                    match splice(self.src.get_ref(), None, &pipe.write, None, CHUNK, flags) {
+                        Ok(0) => {
+                            give_pipe(pipe);
+                            return Poll::Ready(Ok(0));
+                        }
+                        Ok(n) => {
+                            self.in_pipe = n;
+                            self.pipe = Some(pipe);
+                        }
+                        Err(Errno::INTR) => self.pipe = Some(pipe),
+                        Err(Errno::AGAIN) => {
+                            // Nothing to read: the empty pipe goes back while the tunnel waits.
+                            give_pipe(pipe);
+                            match self.src.poll_readable(cx) {
+                                Poll::Ready(Ok(())) => {}
+                                Poll::Ready(Err(e)) => return Poll::Ready(Err((true, e))),
+                                Poll::Pending => return Poll::Pending,
+                            }
+                        }
+                        Err(e) => {
+                            give_pipe(pipe);
+                            return Poll::Ready(Err((true, e.into())));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

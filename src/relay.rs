@@ -15,13 +15,42 @@ use std::task::{Context, Poll};
 use futures_lite::{AsyncRead, AsyncWrite};
 
 /// Bytes read per buffer fill. 16 KiB matches a TLS record and a typical socket read, so a bulk
-/// transfer needs few system calls while an idle tunnel holds no buffer at all (see [`Direction`]).
+/// transfer needs few system calls.
 const BUF_SIZE: usize = 16 * 1024;
 
 /// Buffer fills one direction may do in one poll before it yields. 16 × 16 KiB = 256 KiB: enough
 /// to keep a bulk transfer efficient, small enough that the other direction (and other tasks on
 /// the same thread) get their turn within a fraction of a millisecond.
 const BUDGET: u32 = 16;
+
+std::thread_local! {
+    /// The buffer every relay on this thread reads into: lent for one read and the writes that
+    /// follow it, so a tunnel holds no buffer of its own unless its writer is slow.
+    static SCRATCH: std::cell::Cell<Option<Box<[u8]>>> = const { std::cell::Cell::new(None) };
+}
+
+/// The thread's scratch buffer for the moment; given back when dropped. A fresh one when the
+/// thread's is already lent (a relay polled from inside another's poll).
+struct Scratch(Option<Box<[u8]>>);
+
+impl Scratch {
+    fn take() -> Self {
+        let buf = SCRATCH
+            .with(std::cell::Cell::take)
+            .unwrap_or_else(|| vec![0; BUF_SIZE].into_boxed_slice());
+        Scratch(Some(buf))
+    }
+
+    fn buf(&mut self) -> &mut [u8] {
+        self.0.as_deref_mut().unwrap_or_default()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        SCRATCH.with(|c| c.set(self.0.take()));
+    }
+}
 
 /// Which peer of a relayed connection something happened on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,11 +87,11 @@ pub struct Report {
 /// One direction of the relay: reads from one peer, writes to the other.
 #[derive(Debug, Default)]
 struct Direction {
-    /// Bytes read and not yet written are `buf[start..end]`. Empty until the first read, so a
-    /// tunnel that never carries traffic in this direction holds no memory for it.
-    buf: Vec<u8>,
+    /// Bytes read and not yet written are `held[start..]`: owned only while the writer is
+    /// slower than the reader (or for bytes handed over with [`Relay::pending`]). Reads go into
+    /// the thread's scratch buffer, so an idle tunnel holds no buffer at all.
+    held: Vec<u8>,
     start: usize,
-    end: usize,
     /// The reader reached end of file.
     eof: bool,
     /// Bytes were written since the last flush.
@@ -71,6 +100,9 @@ struct Direction {
     closed: bool,
     /// Bytes written so far.
     moved: u64,
+    /// Both peers are plain sockets: bytes go through a pipe with splice(2) instead.
+    #[cfg(target_os = "linux")]
+    splice: Option<crate::net::Splicer>,
 }
 
 /// Which half of a direction failed: its reader's peer or its writer's peer.
@@ -80,13 +112,51 @@ enum Failure {
 }
 
 impl Direction {
-    fn with_pending(bytes: Vec<u8>) -> Self {
-        let end = bytes.len();
-        Direction {
-            buf: bytes,
-            end,
-            ..Direction::default()
+    /// Writes `buf` until it is all written or the writer would block; returns how much went.
+    fn write_some<W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        w: &mut Pin<&mut W>,
+        buf: &[u8],
+    ) -> Result<usize, Failure>
+    where
+        W: AsyncWrite + ?Sized,
+    {
+        let mut off = 0;
+        while off < buf.len() {
+            match w.as_mut().poll_write(cx, &buf[off..]) {
+                Poll::Ready(Ok(0)) => return Err(Failure::Write(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => {
+                    off += n;
+                    self.moved += n as u64;
+                    self.dirty = true;
+                }
+                Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Poll::Ready(Err(e)) => return Err(Failure::Write(e)),
+                Poll::Pending => break,
+            }
         }
+        Ok(off)
+    }
+
+    /// Nothing more to read for now: push out what a buffering writer (TLS) may still hold, so
+    /// the peer is not kept waiting for bytes we relayed.
+    fn flush_if_dirty<W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        w: &mut Pin<&mut W>,
+    ) -> Result<(), Failure>
+    where
+        W: AsyncWrite + ?Sized,
+    {
+        if self.dirty {
+            match w.as_mut().poll_flush(cx) {
+                Poll::Ready(Ok(())) => self.dirty = false,
+                Poll::Ready(Err(e)) => return Err(Failure::Write(e)),
+                Poll::Pending => {}
+            }
+        }
+        Ok(())
     }
 
     /// Moves bytes until the reader or writer would block, the budget runs out (then the task is
@@ -106,46 +176,59 @@ impl Direction {
         }
         let mut budget = BUDGET;
         loop {
-            if self.start < self.end {
-                match w.as_mut().poll_write(cx, &self.buf[self.start..self.end]) {
-                    Poll::Ready(Ok(0)) => {
-                        return Poll::Ready(Err(Failure::Write(io::ErrorKind::WriteZero.into())))
-                    }
-                    Poll::Ready(Ok(n)) => {
-                        self.start += n;
-                        self.moved += n as u64;
-                        self.dirty = true;
-                        if self.start == self.end {
-                            self.start = 0;
-                            self.end = 0;
-                        }
-                    }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(Failure::Write(e))),
-                    Poll::Pending => return Poll::Pending,
+            if self.start < self.held.len() {
+                let held = std::mem::take(&mut self.held);
+                let wrote = self.write_some(cx, &mut w, &held[self.start..]);
+                self.held = held;
+                self.start += wrote?;
+                if self.start < self.held.len() {
+                    return Poll::Pending;
                 }
+                // All written: the buffer goes, so a quiet tunnel holds none.
+                self.held = Vec::new();
+                self.start = 0;
             } else if !self.eof {
                 if budget == 0 {
                     cx.waker().wake_by_ref();
                     return Poll::Pending;
                 }
                 budget -= 1;
-                if self.buf.len() < BUF_SIZE {
-                    self.buf.resize(BUF_SIZE, 0);
+                #[cfg(target_os = "linux")]
+                if let Some(splicer) = &mut self.splice {
+                    match splicer.poll_move(cx) {
+                        Poll::Ready(Ok(0)) => self.eof = true,
+                        Poll::Ready(Ok(n)) => {
+                            self.moved += n as u64;
+                            self.dirty = true;
+                        }
+                        Poll::Ready(Err((true, e))) => return Poll::Ready(Err(Failure::Read(e))),
+                        Poll::Ready(Err((false, e))) => return Poll::Ready(Err(Failure::Write(e))),
+                        Poll::Pending => return Poll::Pending,
+                    }
+                    continue;
                 }
-                match r.as_mut().poll_read(cx, &mut self.buf) {
+                let mut scratch = Scratch::take();
+                let buf = scratch.buf();
+                match r.as_mut().poll_read(cx, buf) {
                     Poll::Ready(Ok(0)) => self.eof = true,
-                    Poll::Ready(Ok(n)) => self.end = n,
+                    Poll::Ready(Ok(n)) => {
+                        // Straight out of the scratch buffer; only what the writer cannot take
+                        // now is copied into a buffer of this tunnel's own.
+                        let wrote = match self.write_some(cx, &mut w, &buf[..n]) {
+                            Ok(wrote) => wrote,
+                            Err(f) => return Poll::Ready(Err(f)),
+                        };
+                        if wrote < n {
+                            self.held = buf[wrote..n].to_vec();
+                            return Poll::Pending;
+                        }
+                    }
                     Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(Failure::Read(e))),
                     Poll::Pending => {
-                        // Nothing more to read for now: push out what a buffering writer (TLS)
-                        // may still hold, so the peer is not kept waiting for bytes we relayed.
-                        if self.dirty {
-                            match w.as_mut().poll_flush(cx) {
-                                Poll::Ready(Ok(())) => self.dirty = false,
-                                Poll::Ready(Err(e)) => return Poll::Ready(Err(Failure::Write(e))),
-                                Poll::Pending => {}
-                            }
+                        drop(scratch);
+                        if let Err(f) = self.flush_if_dirty(cx, &mut w) {
+                            return Poll::Ready(Err(f));
                         }
                         return Poll::Pending;
                     }
@@ -156,7 +239,11 @@ impl Direction {
                 return match w.as_mut().poll_close(cx) {
                     Poll::Ready(result) => {
                         self.closed = true;
-                        self.buf = Vec::new();
+                        self.held = Vec::new();
+                        #[cfg(target_os = "linux")]
+                        {
+                            self.splice = None;
+                        }
                         match result {
                             // The peer is already gone for writing; the half-close has nothing
                             // left to tell it.
@@ -218,8 +305,26 @@ where
     /// the same segment as an HTTP head): they are written before anything else in their
     /// direction and counted like relayed bytes.
     pub fn pending(mut self, to_backend: Vec<u8>, to_client: Vec<u8>) -> Self {
-        self.up = Direction::with_pending(to_backend);
-        self.down = Direction::with_pending(to_client);
+        (self.up.held, self.up.start) = (to_backend, 0);
+        (self.down.held, self.down.start) = (to_client, 0);
+        self
+    }
+
+    /// On Linux, when both peers are plain sockets of [`SmolNet`](crate::SmolNet), moves the
+    /// tunnel's bytes with splice(2) through a pipe, never copying them into user space; the
+    /// semantics (half-close, counts, progress, which side failed) stay the same. Any other
+    /// stream (the simulator's, a test's, a TLS stream) keeps the copying relay, and so does
+    /// everything with `PORTCULLIS_SPLICE=0` in the environment.
+    pub fn splice(mut self) -> Self
+    where
+        C: Sized + 'static,
+        B: Sized + 'static,
+    {
+        #[cfg(target_os = "linux")]
+        if let Some((up, down)) = crate::net::splicers(&*self.client, &*self.backend) {
+            self.up.splice = Some(up);
+            self.down.splice = Some(down);
+        }
         self
     }
 
@@ -463,8 +568,60 @@ mod tests {
         for _ in 0..3 {
             assert!(Pin::new(&mut relay).poll(&mut cx).is_pending());
         }
+        assert_eq!(
+            relay.up.held.capacity() + relay.down.held.capacity(),
+            0,
+            "a writer that keeps up leaves no buffer in the tunnel"
+        );
         drop(relay);
         assert_eq!(client_seen.lock().unwrap().written, b"reply");
         assert_eq!(client_seen.lock().unwrap().closes, 1);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn plain_sockets_are_spliced_with_the_same_half_close_counts_and_pending_bytes() {
+        use futures_lite::{AsyncReadExt, AsyncWriteExt};
+        smol::block_on(async {
+            let pair = || async {
+                let l = async_net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let outside = async_net::TcpStream::connect(l.local_addr().unwrap());
+                let (outside, inside) = futures_lite::future::zip(outside, l.accept()).await;
+                (outside.unwrap(), inside.unwrap().0)
+            };
+            let (mut client_peer, mut client) = pair().await;
+            let (mut backend_peer, mut backend) = pair().await;
+            let up: Vec<u8> = (0..=255).cycle().take(3_000_000).collect();
+            let relay = Relay::new(&mut client, &mut backend)
+                .pending(b"early".to_vec(), b"101 ".to_vec())
+                .splice();
+            assert!(relay.up.splice.is_some() && relay.down.splice.is_some());
+            let client_side = async {
+                client_peer.write_all(&up).await.unwrap();
+                client_peer.close().await.unwrap();
+                let mut got = Vec::new();
+                client_peer.read_to_end(&mut got).await.unwrap();
+                got
+            };
+            let backend_side = async {
+                let mut got = Vec::new();
+                backend_peer.read_to_end(&mut got).await.unwrap();
+                backend_peer.write_all(b"answer").await.unwrap();
+                backend_peer.close().await.unwrap();
+                got
+            };
+            let (report, (to_client, to_backend)) = futures_lite::future::zip(
+                relay,
+                futures_lite::future::zip(client_side, backend_side),
+            )
+            .await;
+            assert!(report.result.is_ok(), "{report:?}");
+            assert_eq!(report.first_to_close, Some(Side::Client));
+            assert_eq!(report.client_to_backend, up.len() as u64 + 5);
+            assert_eq!(report.backend_to_client, 10);
+            assert_eq!(&to_backend[..5], b"early");
+            assert!(to_backend[5..] == up[..], "bytes arrive once and in order");
+            assert_eq!(to_client, b"101 answer");
+        });
     }
 }

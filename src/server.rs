@@ -68,13 +68,13 @@ impl Tracker {
     fn spawn<N: Net>(&self, net: &N, conn: impl Future<Output = ()> + Send + 'static) {
         let guard = LiveGuard::new(&self.live);
         let closing = self.closing.clone();
-        net.spawn(async move {
-            future::or(conn, async {
-                let _ = closing.recv().await;
-            })
-            .await;
-            drop(guard);
-        });
+        // No async block around `conn`: one would hold it twice (captured, and inside the `or`
+        // it awaits), doubling every connection's task. The guard goes with the `or`, which the
+        // executor drops as soon as either side completes.
+        net.spawn(future::or(conn, async move {
+            let _guard = guard;
+            let _ = closing.recv().await;
+        }));
     }
 
     /// The process-wide count for the connections tracked here, capped at `max`: their

@@ -357,7 +357,9 @@ impl Flow {
         access.connect_ms = Some(net.now().duration_since(started).as_millis());
         access.opened();
         let max_age = self.admission.max_age(u64::from(peer.port()));
-        let relay = Relay::new(&mut client, &mut upstream).pending(early, Vec::new());
+        let relay = Relay::new(&mut client, &mut upstream)
+            .pending(early, Vec::new())
+            .splice();
         let (report, cut) = limit::run_tunnel(&net, relay, &self.admission, max_age).await;
         access.duration_ms = net.now().duration_since(started).as_millis();
         access.up = report.client_to_backend;

@@ -348,7 +348,9 @@ impl Flow {
         log.client = Some(peer);
         let admitted = self.admission.admit(peer.ip(), started);
         let outcome = match &admitted {
-            Ok(_) => self.upgrade(&net, &mut client, peer, early, &mut log).await,
+            // Boxed, so the tunnel's task does not keep the handshake's ~10 KiB state for
+            // its whole life.
+            Ok(_) => Box::pin(self.upgrade(&net, &mut client, peer, early, &mut log)).await,
             Err(why) => {
                 self.metrics.refused(*why);
                 Err(over_capacity("over a connection limit"))
@@ -368,7 +370,9 @@ impl Flow {
                 log.connect_ms = Some(net.now().duration_since(started).as_millis());
                 log.opened();
                 let max_age = self.admission.max_age(u64::from(peer.port()));
-                let relay = Relay::new(&mut client, &mut upstream).pending(Vec::new(), to_client);
+                let relay = Relay::new(&mut client, &mut upstream)
+                    .pending(Vec::new(), to_client)
+                    .splice();
                 let (report, cut) = limit::run_tunnel(&net, relay, &self.admission, max_age).await;
                 log.up += report.client_to_backend;
                 log.down = report.backend_to_client;
@@ -377,12 +381,12 @@ impl Flow {
             Err(Ended::Refused(refusal)) => {
                 log.status = Some(refusal.status());
                 log.end = format!("refused: {refusal}");
-                self.answer(&net, &mut client, &refusal.to_bytes()).await;
+                Box::pin(self.answer(&net, &mut client, &refusal.to_bytes())).await;
             }
             Err(Ended::Answered { status, bytes, why }) => {
                 log.status = Some(status);
                 log.end = why;
-                self.answer(&net, &mut client, &bytes).await;
+                Box::pin(self.answer(&net, &mut client, &bytes)).await;
             }
             Err(Ended::Quietly(why)) => log.end = why,
         }
