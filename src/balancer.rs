@@ -28,6 +28,8 @@ pub struct Backend {
     /// For a WebSocket backend written `ws://host:port/path`: the path prefix put in front of
     /// every request path sent to it. Empty otherwise.
     path: String,
+    /// Written `wss://`: the proxy speaks TLS to it.
+    tls: bool,
     weight: u32,
     max_connections: Option<usize>,
     backup: bool,
@@ -60,6 +62,7 @@ impl Backend {
         Backend {
             addr: addr.into(),
             path: String::new(),
+            tls: false,
             weight: 1,
             max_connections: None,
             backup: false,
@@ -71,12 +74,17 @@ impl Backend {
         }
     }
 
-    /// A WebSocket backend: `host:port`, or `ws://host[:port][/path]` (port 80 by default).
+    /// A WebSocket backend: `host:port`, `ws://host[:port][/path]` (port 80 by default) or
+    /// `wss://host[:port][/path]` (TLS, port 443 by default).
     pub fn parse_ws(spec: &str) -> Result<Self, String> {
-        if spec.starts_with("wss://") {
-            return Err("wss:// backends need TLS, which this build does not support yet".into());
-        }
-        let Some(rest) = spec.strip_prefix("ws://") else {
+        let (rest, tls, default_port) = if let Some(rest) = spec.strip_prefix("wss://") {
+            if !cfg!(feature = "tls") {
+                return Err("wss:// backends need TLS, and this portcullis was built without TLS (the `tls` cargo feature)".into());
+            }
+            (rest, true, 443)
+        } else if let Some(rest) = spec.strip_prefix("ws://") {
+            (rest, false, 80)
+        } else {
             crate::config::check_addr(spec, false)?;
             return Ok(Backend::new(spec));
         };
@@ -93,12 +101,27 @@ impl Backend {
         let addr = if has_port {
             authority.to_string()
         } else {
-            format!("{authority}:80")
+            format!("{authority}:{default_port}")
         };
         crate::config::check_addr(&addr, false)?;
         let mut backend = Backend::new(addr);
         backend.path = path.to_string();
+        backend.tls = tls;
         Ok(backend)
+    }
+
+    /// Whether the proxy speaks TLS to this backend (`wss://`, or `upstream_tls`).
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+
+    /// The host of the address, without port or brackets: the TLS server name by default.
+    pub fn host(&self) -> &str {
+        let host = self
+            .addr
+            .rsplit_once(':')
+            .map_or(self.addr.as_str(), |(h, _)| h);
+        host.trim_start_matches('[').trim_end_matches(']')
     }
 
     /// Sets the share of connections this backend gets relative to the others (default 1).
@@ -402,6 +425,25 @@ impl Pool {
         balancing: &crate::config::Balancing,
         websocket: bool,
     ) -> Result<Pool, String> {
+        Pool::build(name, backends, balancing, websocket, false)
+    }
+
+    /// A pool of TCP backends the proxy speaks TLS to (a section with `upstream_tls`).
+    pub fn from_config_tls(
+        name: &str,
+        backends: &[crate::config::BackendConfig],
+        balancing: &crate::config::Balancing,
+    ) -> Result<Pool, String> {
+        Pool::build(name, backends, balancing, false, true)
+    }
+
+    fn build(
+        name: &str,
+        backends: &[crate::config::BackendConfig],
+        balancing: &crate::config::Balancing,
+        websocket: bool,
+        tls: bool,
+    ) -> Result<Pool, String> {
         let passive = PassiveConfig {
             max_fails: balancing.max_fails,
             fail_timeout: Duration::from_millis(balancing.fail_timeout_ms),
@@ -414,7 +456,8 @@ impl Pool {
                 crate::config::check_addr(&b.address, false)
                     .map(|()| Backend::new(b.address.clone()))
             };
-            let backend = backend.map_err(|why| format!("backend {:?}: {why}", b.address))?;
+            let mut backend = backend.map_err(|why| format!("backend {:?}: {why}", b.address))?;
+            backend.tls |= tls;
             built.push(
                 backend
                     .weight(b.weight)
@@ -890,7 +933,14 @@ mod tests {
             ("ws://chat:9000/api/v1", Some(("chat:9000", "/api/v1"))),
             ("ws://[::1]:9000/x", Some(("[::1]:9000", "/x"))),
             ("ws://[::1]/x", Some(("[::1]:80", "/x"))),
-            ("wss://chat:443", None),
+            (
+                "wss://chat:8443/x",
+                cfg!(feature = "tls").then_some(("chat:8443", "/x")),
+            ),
+            (
+                "wss://chat",
+                cfg!(feature = "tls").then_some(("chat:443", "")),
+            ),
             ("http://chat:80", None),
             ("ws://chat:9000/a?b", None),
             ("chat", None),

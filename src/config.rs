@@ -116,6 +116,43 @@ impl fmt::Display for BackendConfig {
     }
 }
 
+/// A certificate chain and its private key, PEM files (`tls = { cert = "...", key = "..." }`).
+/// Paths are relative to the working directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertKey {
+    /// The certificate chain, leaf first (`fullchain.pem`).
+    pub cert: String,
+    /// Its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: String,
+}
+
+/// How a section speaks TLS to its backends (`upstream_tls = { ... }`); every field is
+/// optional.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UpstreamTls {
+    /// The CA certificates backends' certificates must chain to; the system's roots if absent.
+    pub ca: Option<String>,
+    /// A client certificate, for backends that require mutual TLS (with `key`).
+    pub cert: Option<String>,
+    /// The client certificate's key.
+    pub key: Option<String>,
+    /// The name sent as SNI and checked against the backend's certificate, instead of the
+    /// backend's host.
+    pub server_name: Option<String>,
+    /// Accept any backend certificate. Logged loudly at start-up; for tests only.
+    pub insecure_skip_verify: bool,
+}
+
+/// One `[[tcp_proxy.sni_route]]`: raw TLS connections whose ClientHello asks for a matching
+/// name go to these backends, unterminated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SniRoute {
+    /// An exact name, or `*.suffix` for every name under `suffix`; lower case.
+    pub server_name: String,
+    /// The backends, `host:port` each.
+    pub backends: Vec<BackendConfig>,
+}
+
 /// How a section or route spreads connections and reacts to failing backends.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Balancing {
@@ -171,6 +208,14 @@ pub struct TcpSection {
     pub limits: Limits,
     /// Listen with `SO_REUSEPORT`, so several processes can share the port (`reuse_port`).
     pub reuse_port: bool,
+    /// Terminate TLS on the listener with these certificates, chosen by SNI (`tls`); empty
+    /// for none.
+    pub tls: Vec<CertKey>,
+    /// Speak TLS to every backend (`upstream_tls`).
+    pub upstream_tls: Option<UpstreamTls>,
+    /// Route connections by the ClientHello's server name (`[[tcp_proxy.sni_route]]`), in
+    /// file order; `backends` serve names none matches.
+    pub sni_routes: Vec<SniRoute>,
 }
 
 /// One `[[ws_proxy]]` section: a listener for WebSocket upgrades.
@@ -194,6 +239,11 @@ pub struct WsSection {
     pub limits: Limits,
     /// Listen with `SO_REUSEPORT`, so several processes can share the port (`reuse_port`).
     pub reuse_port: bool,
+    /// Terminate TLS on the listener with these certificates, chosen by SNI (`tls`); empty
+    /// for none. Clients then connect with `wss://`.
+    pub tls: Vec<CertKey>,
+    /// How to speak TLS to `wss://` backends (`upstream_tls`); system roots when absent.
+    pub upstream_tls: Option<UpstreamTls>,
     /// The routes in file order; the section's own `backends`, if any, come last as a
     /// catch-all route (path `/`, any host).
     pub routes: Vec<WsRoute>,
@@ -303,6 +353,17 @@ impl fmt::Display for Config {
             )?;
             writeln!(f, "  {}", s.balancing)?;
             extras(f, "  ", &s.health_check, s.send_proxy_protocol)?;
+            tls_lines(f, &s.tls, s.upstream_tls.as_ref())?;
+            for r in &s.sni_routes {
+                writeln!(f, "  SNI {} -> {}", r.server_name, join(&r.backends))?;
+            }
+            if !s.sni_routes.is_empty() {
+                writeln!(
+                    f,
+                    "  SNI of any other name, or none -> {}",
+                    join(&s.backends)
+                )?;
+            }
         }
         for s in &self.ws_proxy {
             writeln!(
@@ -313,6 +374,7 @@ impl fmt::Display for Config {
             if let Some(p) = &s.health_path {
                 writeln!(f, "  GET {p} -> 200 (health)")?;
             }
+            tls_lines(f, &s.tls, s.upstream_tls.as_ref())?;
             for r in &s.routes {
                 let host = r.host.as_deref().unwrap_or("*");
                 let rewrite = r
@@ -354,6 +416,43 @@ fn extras(
     if let Some(v) = proxy {
         let v = if v == ProxyVersion::V1 { "v1" } else { "v2" };
         writeln!(f, "{indent}PROXY protocol {v} to backends")?;
+    }
+    Ok(())
+}
+
+/// The TLS lines of `check`'s output.
+fn tls_lines(f: &mut fmt::Formatter<'_>, tls: &[CertKey], up: Option<&UpstreamTls>) -> fmt::Result {
+    match tls {
+        [] => {}
+        [one] => writeln!(
+            f,
+            "  TLS terminated: cert {} key {} (TLS 1.2, 1.3)",
+            one.cert, one.key
+        )?,
+        many => {
+            writeln!(f, "  TLS terminated (TLS 1.2, 1.3), certificate chosen by SNI, the first for unknown names:")?;
+            for p in many {
+                writeln!(f, "    cert {} key {}", p.cert, p.key)?;
+            }
+        }
+    }
+    if let Some(u) = up {
+        let mut parts = Vec::new();
+        if u.insecure_skip_verify {
+            parts.push("INSECURE: certificates not verified".to_string());
+        } else {
+            parts.push(format!(
+                "verified against {}",
+                u.ca.as_deref().unwrap_or("the system roots")
+            ));
+        }
+        if let Some(c) = &u.cert {
+            parts.push(format!("client cert {c}"));
+        }
+        if let Some(n) = &u.server_name {
+            parts.push(format!("server_name {n}"));
+        }
+        writeln!(f, "  TLS to backends: {}", parts.join(", "))?;
     }
     Ok(())
 }
@@ -440,11 +539,25 @@ mod raw {
         pub resolve_interval_ms: Option<Spanned<u64>>,
         pub health_check: Option<Spanned<HealthCheck>>,
         pub send_proxy_protocol: Option<Spanned<String>>,
+        pub tls: Option<Spanned<toml::Value>>,
+        pub upstream_tls: Option<Spanned<toml::Value>>,
+        #[serde(default)]
+        pub sni_route: Vec<Spanned<SniRoute>>,
+    }
+
+    /// `[[tcp_proxy.sni_route]]`.
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct SniRoute {
+        pub server_name: Spanned<String>,
+        pub backends: Addrs,
     }
 
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     pub(super) struct WsSection {
+        pub tls: Option<Spanned<toml::Value>>,
+        pub upstream_tls: Option<Spanned<toml::Value>>,
         pub max_connections: Option<Spanned<u64>>,
         pub max_connections_per_ip: Option<Spanned<u64>>,
         pub idle_timeout_ms: Option<Spanned<u64>>,
@@ -808,7 +921,25 @@ impl Source<'_> {
                 &s.max_connection_age_ms,
                 (&s.accept_proxy_protocol, &s.trusted_proxies),
             )?;
+            let tls = self.tls(&s.tls)?;
+            let upstream_tls = self.upstream_tls(&s.upstream_tls)?;
+            let mut sni_routes = Vec::new();
+            for r in &s.sni_route {
+                sni_routes.push(self.sni_route(r, &sni_routes)?);
+            }
+            if let (Some(u), false, true) = (&s.upstream_tls, sni_routes.is_empty(), tls.is_empty())
+            {
+                return Err(self.error(
+                    u.span(),
+                    "upstream_tls",
+                    "sni_route passes the client's TLS through untouched, so TLS to the backends would wrap TLS in TLS",
+                    "remove upstream_tls, or terminate TLS here with `tls = { cert, key }` and route by the name it negotiates",
+                ));
+            }
             config.tcp_proxy.push(TcpSection {
+                tls,
+                upstream_tls,
+                sni_routes,
                 reuse_port: s.reuse_port.unwrap_or(false),
                 limits,
                 name,
@@ -856,6 +987,8 @@ impl Source<'_> {
             (&s.accept_proxy_protocol, &s.trusted_proxies),
         )?;
         let listen = self.listen(seen, &s.listen, &name)?;
+        let tls = self.tls(&s.tls)?;
+        let upstream_tls = self.upstream_tls(&s.upstream_tls)?;
         let connect_timeout_ms = self.timeout(
             &s.connect_timeout_ms,
             "connect_timeout_ms",
@@ -946,7 +1079,21 @@ impl Source<'_> {
             }
             None => {}
         }
+        let wss = routes
+            .iter()
+            .flat_map(|r| &r.backends)
+            .any(|b| b.address.starts_with("wss://"));
+        if let (Some(u), false) = (&s.upstream_tls, wss) {
+            return Err(self.error(
+                u.span(),
+                "upstream_tls",
+                "upstream_tls applies to wss:// backends, and this section has none",
+                "write the backends that speak TLS as \"wss://host:port/path\", or remove upstream_tls",
+            ));
+        }
         Ok(WsSection {
+            tls,
+            upstream_tls,
             reuse_port: s.reuse_port.unwrap_or(false),
             limits,
             name,
@@ -1055,6 +1202,200 @@ impl Source<'_> {
             headers,
             allowed_origins: strings(allowed_origins),
             subprotocols: strings(subprotocols),
+        })
+    }
+
+    /// `tls = { cert, key }` or an array of such tables; each pair is loaded now, so a
+    /// missing file or a key that does not match its certificate fails the check.
+    fn tls(&self, v: &Option<Spanned<toml::Value>>) -> Result<Vec<CertKey>, Error> {
+        let Some(v) = v else {
+            return Ok(Vec::new());
+        };
+        let span = v.span();
+        let form = "tls = { cert = \"fullchain.pem\", key = \"key.pem\" }, or an array of such tables for several certificates chosen by SNI";
+        if !cfg!(feature = "tls") {
+            return Err(self.error(
+                span,
+                "tls",
+                "this portcullis was built without TLS",
+                "rebuild with the `tls` cargo feature (on by default), or remove `tls`",
+            ));
+        }
+        let tables: Vec<&toml::Table> = match v.get_ref() {
+            toml::Value::Table(t) => vec![t],
+            toml::Value::Array(a) if !a.is_empty() => a
+                .iter()
+                .map(toml::Value::as_table)
+                .collect::<Option<_>>()
+                .ok_or_else(|| {
+                    self.error(
+                        span.clone(),
+                        "tls",
+                        "every entry must be a table",
+                        &format!("write {form}"),
+                    )
+                })?,
+            other => {
+                return Err(self.error(
+                    span,
+                    "tls",
+                    &format!("`{other}` is not a certificate and key"),
+                    &format!("write {form}"),
+                ))
+            }
+        };
+        let mut pairs = Vec::new();
+        for t in tables {
+            let mut pair = CertKey {
+                cert: String::new(),
+                key: String::new(),
+            };
+            for (k, value) in t {
+                match (k.as_str(), value) {
+                    ("cert", toml::Value::String(p)) => pair.cert = p.clone(),
+                    ("key", toml::Value::String(p)) => pair.key = p.clone(),
+                    _ => {
+                        return Err(self.error(
+                            span,
+                            "tls",
+                            &format!("`{k} = {value}` is not a field of a tls table"),
+                            &format!("give only cert and key, as paths: {form}"),
+                        ))
+                    }
+                }
+            }
+            if pair.cert.is_empty() || pair.key.is_empty() {
+                return Err(self.error(
+                    span,
+                    "tls",
+                    "a tls table needs both `cert` and `key`",
+                    &format!("write {form}"),
+                ));
+            }
+            #[cfg(feature = "tls")]
+            crate::tls::check_cert_key(&pair).map_err(|why| {
+                self.error(
+                    span.clone(),
+                    "tls",
+                    &why,
+                    "give the PEM files of a certificate chain (leaf first) and its private key, readable by this process",
+                )
+            })?;
+            pairs.push(pair);
+        }
+        Ok(pairs)
+    }
+
+    /// `upstream_tls = { ca, cert, key, server_name, insecure_skip_verify }`, every field
+    /// optional; the files are loaded now.
+    fn upstream_tls(&self, v: &Option<Spanned<toml::Value>>) -> Result<Option<UpstreamTls>, Error> {
+        let Some(v) = v else {
+            return Ok(None);
+        };
+        let span = v.span();
+        if !cfg!(feature = "tls") {
+            return Err(self.error(
+                span,
+                "upstream_tls",
+                "this portcullis was built without TLS",
+                "rebuild with the `tls` cargo feature (on by default), or remove `upstream_tls`",
+            ));
+        }
+        let form = "upstream_tls = { ca = \"ca.pem\", cert = \"client.pem\", key = \"client.key\", server_name = \"backend.internal\" }, every field optional";
+        let Some(t) = v.get_ref().as_table() else {
+            return Err(self.error(
+                span,
+                "upstream_tls",
+                "upstream_tls must be a table",
+                &format!("write {form}"),
+            ));
+        };
+        let mut u = UpstreamTls::default();
+        for (k, value) in t {
+            let path = value.as_str().map(str::to_string);
+            match (k.as_str(), value) {
+                ("ca", toml::Value::String(_)) => u.ca = path,
+                ("cert", toml::Value::String(_)) => u.cert = path,
+                ("key", toml::Value::String(_)) => u.key = path,
+                ("server_name", toml::Value::String(n)) => {
+                    if check_host(n).is_err() {
+                        return Err(self.error(
+                            span,
+                            "upstream_tls",
+                            &format!("server_name {n:?} is not a host name or IP address"),
+                            "give the name the backends' certificates carry, e.g. \"backend.internal\"",
+                        ));
+                    }
+                    u.server_name = Some(n.to_ascii_lowercase());
+                }
+                ("insecure_skip_verify", toml::Value::Boolean(b)) => u.insecure_skip_verify = *b,
+                _ => {
+                    return Err(self.error(
+                        span,
+                        "upstream_tls",
+                        &format!("`{k} = {value}` is not a field of upstream_tls"),
+                        &format!("use only ca, cert, key and server_name (strings) and insecure_skip_verify (true or false): {form}"),
+                    ))
+                }
+            }
+        }
+        if u.cert.is_some() != u.key.is_some() {
+            return Err(self.error(
+                span,
+                "upstream_tls",
+                "a client certificate needs both `cert` and `key`",
+                "give both (for backends that require mutual TLS), or neither",
+            ));
+        }
+        if u.insecure_skip_verify && u.ca.is_some() {
+            return Err(self.error(
+                span,
+                "upstream_tls",
+                "`ca` is never used with insecure_skip_verify = true",
+                "remove insecure_skip_verify (and let `ca` verify the backends), or remove `ca`",
+            ));
+        }
+        #[cfg(feature = "tls")]
+        crate::tls::check_upstream(&u).map_err(|why| {
+            self.error(
+                span.clone(),
+                "upstream_tls",
+                &why,
+                "give PEM files readable by this process: ca a CA certificate, cert a chain and key its private key",
+            )
+        })?;
+        Ok(Some(u))
+    }
+
+    /// One `[[tcp_proxy.sni_route]]`; `earlier` are the routes before it, which must not
+    /// have the same name.
+    fn sni_route(
+        &self,
+        r: &Spanned<raw::SniRoute>,
+        earlier: &[SniRoute],
+    ) -> Result<SniRoute, Error> {
+        let name = &r.get_ref().server_name;
+        let value = name.get_ref().trim().to_ascii_lowercase();
+        let host = value.strip_prefix("*.").unwrap_or(&value);
+        if check_host(host).is_err() || host.contains('*') {
+            return Err(self.error(
+                name.span(),
+                "server_name",
+                &format!("{:?} is not a server name", name.get_ref()),
+                "give an exact name (\"db.example.com\") or a suffix pattern (\"*.example.com\")",
+            ));
+        }
+        if earlier.iter().any(|e| e.server_name == value) {
+            return Err(self.error(
+                name.span(),
+                "server_name",
+                &format!("{value} is already routed by an earlier sni_route"),
+                "merge the two routes' backends, or remove one",
+            ));
+        }
+        Ok(SniRoute {
+            backends: self.backends(&r.get_ref().backends, Kind::Tcp)?,
+            server_name: value,
         })
     }
 
@@ -1617,6 +1958,9 @@ mod tests {
                 send_proxy_protocol: None,
                 limits: Limits::default(),
                 reuse_port: false,
+                tls: Vec::new(),
+                upstream_tls: None,
+                sni_routes: Vec::new(),
             }]
         );
         assert_eq!(c.ws_proxy[0].name, "ws-1");

@@ -248,15 +248,17 @@ pub(crate) fn spawn_checks<N: crate::net::Net>(
     backends: &[std::sync::Arc<crate::balancer::Backend>],
     config: &ActiveConfig,
     stop: &async_channel::Receiver<()>,
+    tls: Option<std::sync::Arc<crate::tls::Connector>>,
 ) {
     for backend in backends {
         let (net2, backend, config, stop) =
             (net.clone(), backend.clone(), config.clone(), stop.clone());
         let pool = pool.to_string();
+        let tls = tls.clone();
         net.spawn(async move {
             let run = async {
                 loop {
-                    let ok = probe(&net2, &backend, &config).await;
+                    let ok = probe(&net2, &backend, &config, tls.as_deref()).await;
                     match backend.checks().record(ok.is_ok(), &config) {
                         Some(Flip::Down(_)) => crate::log::warn!(
                             "backend down pool={pool} backend={backend} check={:?} ({})",
@@ -280,16 +282,23 @@ pub(crate) fn spawn_checks<N: crate::net::Net>(
     }
 }
 
-/// One probe of `addr`: `Err` says why it failed.
+/// One probe of `addr`: `Err` says why it failed. A TLS backend (`wss://`, or every backend
+/// of a section with `upstream_tls`) is probed over TLS with `tls`, so a `tcp` check includes
+/// the handshake.
 async fn probe<N: crate::net::Net>(
     net: &N,
     backend: &crate::balancer::Backend,
     config: &ActiveConfig,
+    tls: Option<&crate::tls::Connector>,
 ) -> Result<(), String> {
     let addr = backend.addr();
     use futures_lite::AsyncWriteExt;
     let work = async {
-        let mut stream = backend.connect(net).await?;
+        let stream = backend.connect(net).await?;
+        let mut stream = match (tls, backend.is_tls()) {
+            (Some(c), true) => c.connect(backend.host(), stream).await?,
+            _ => crate::tls::Stream::Plain(stream),
+        };
         let request = match config.kind {
             CheckKind::Tcp => return Ok(Ok(())),
             CheckKind::Http => format!(

@@ -15,6 +15,8 @@
 //! - [`handshake`]: the HTTP/1.1 upgrade: reading heads, validation, header rewriting.
 //! - `route`: which WebSocket route a request takes, and the path its backend sees.
 //! - [`ws`]: the WebSocket flow and its builder ([`WsProxy`]).
+//! - [`tls`]: TLS on listeners and to backends, and SNI read from a raw ClientHello (the `tls`
+//!   cargo feature; SNI reading works without it).
 //! - [`config`]: the TOML file ([`Config`]) and its validation.
 //! - [`metrics`]: Prometheus counters, gauges and histograms per section and backend.
 //! - `admin`: the admin endpoint: `/metrics`, `/healthz`, `/readyz`.
@@ -50,6 +52,7 @@ pub mod relay;
 mod route;
 mod server;
 pub mod tcp;
+pub mod tls;
 pub mod ws;
 
 pub use balancer::{Backend, Pool};

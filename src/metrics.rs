@@ -22,6 +22,7 @@
 //! | `portcullis_backend_connect_failures_total` | counter | `backend`, `reason` |
 //! | `portcullis_backend_active_connections` | gauge | `pool`, `backend` |
 //! | `portcullis_backend_up` | gauge | `pool`, `backend` |
+//! | `portcullis_tls_handshake_failures_total` | counter | `reason` (TLS listeners) |
 //!
 //! plus `portcullis_build_info` and the usual `process_*` series on Linux.
 
@@ -78,6 +79,7 @@ struct Labelled {
     ends: BTreeMap<&'static str, u64>,
     connects: BTreeMap<String, u64>,
     failures: BTreeMap<(String, &'static str), u64>,
+    tls_failures: BTreeMap<&'static str, u64>,
 }
 
 /// The metrics of one section.
@@ -152,6 +154,12 @@ impl Section {
         self.connect.observe(took);
         let mut l = self.labelled();
         *l.connects.entry(backend.to_string()).or_default() += 1;
+    }
+
+    /// A client's TLS handshake on the listener failed for `reason` (see
+    /// [`crate::tls::failure_reason`]).
+    pub(crate) fn tls_handshake_failed(&self, reason: &'static str) {
+        *self.labelled().tls_failures.entry(reason).or_default() += 1;
     }
 
     /// A connect to `backend` (or, for WebSocket, its upgrade) failed for `reason`.
@@ -363,7 +371,7 @@ type SeriesOf = fn(&Section) -> Series;
 type HistogramOf = fn(&Section) -> Option<&Histogram>;
 
 /// The per-section families: name, type, help, and how to read one section's series.
-const FAMILIES: [(&str, &str, &str, SeriesOf); 8] = [
+const FAMILIES: [(&str, &str, &str, SeriesOf); 9] = [
     (
         "portcullis_connections_accepted_total",
         "counter",
@@ -436,6 +444,16 @@ const FAMILIES: [(&str, &str, &str, SeriesOf); 8] = [
             let count = |((backend, reason), v): ((String, &'static str), u64)| {
                 (vec![("backend", backend), ("reason", reason.to_string())], v)
             };
+            failures.into_iter().map(count).collect()
+        },
+    ),
+    (
+        "portcullis_tls_handshake_failures_total",
+        "counter",
+        "Clients whose TLS handshake on the listener failed, by reason.",
+        |s| {
+            let failures = s.labelled().tls_failures.clone();
+            let count = |(reason, v): (&str, u64)| (vec![("reason", reason.to_string())], v);
             failures.into_iter().map(count).collect()
         },
     ),

@@ -395,7 +395,9 @@ pub fn run_reloading(
             });
             for section in sections {
                 match live.iter_mut().find(|l| l.section.key() == section.key()) {
-                    Some(l) if l.section == section => {}
+                    // Unchanged, unless it reads certificates: those files may have been
+                    // renewed, and a new flow reads them again.
+                    Some(l) if l.section == section && !section.has_tls() => {}
                     Some(l) => match l.update(&net, section) {
                         Ok(()) => info!(
                             "reload: {} updated; new connections use its new settings",
@@ -473,6 +475,14 @@ impl Section {
         match self {
             Section::Tcp(s) => format!("[[tcp_proxy]] {:?}", s.name),
             Section::Ws(s) => format!("[[ws_proxy]] {:?}", s.name),
+        }
+    }
+
+    /// Whether the section reads certificate files (listener or backend side).
+    fn has_tls(&self) -> bool {
+        match self {
+            Section::Tcp(s) => !s.tls.is_empty() || s.upstream_tls.is_some(),
+            Section::Ws(s) => !s.tls.is_empty() || s.upstream_tls.is_some(),
         }
     }
 

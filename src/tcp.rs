@@ -20,6 +20,7 @@ use crate::policy;
 use crate::proxy_protocol;
 use crate::relay::{Relay, Report};
 use crate::server;
+use crate::tls;
 use crate::Error;
 use futures_lite::AsyncWriteExt;
 
@@ -28,6 +29,12 @@ pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
 
 /// How long a shutdown waits for established connections when none is configured.
 pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 30_000;
+
+/// How long a TCP client has for its TLS handshake on a `tls` listener, or to send its
+/// ClientHello to a listener with `sni_route`s. A TCP section has no request head whose read
+/// timeout could bound it; 10 s covers a handshake across a slow mobile link, and a client
+/// that sends nothing is closed rather than held.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A TCP (layer 4) proxy: every accepted connection is tunnelled to one backend of a pool.
 ///
@@ -90,6 +97,9 @@ impl TcpProxy {
             send_proxy_protocol: None,
             limits: crate::limit::Limits::default(),
             reuse_port: false,
+            tls: Vec::new(),
+            upstream_tls: None,
+            sni_routes: Vec::new(),
         })
     }
 
@@ -211,6 +221,12 @@ pub(crate) struct Flow {
     /// a stream's own local address.
     listen_addr: Option<SocketAddr>,
     metrics: Arc<metrics::Section>,
+    /// Terminates TLS on the listener (`tls`), with certificates read when the flow started.
+    acceptor: Option<tls::Acceptor>,
+    /// Speaks TLS to every backend (`upstream_tls`).
+    connector: Option<Arc<tls::Connector>>,
+    /// `[[tcp_proxy.sni_route]]`s in file order: a name pattern and its pool.
+    sni: Vec<(String, Pool)>,
 }
 
 impl Flow {
@@ -225,16 +241,52 @@ impl Flow {
         if s.connect_timeout_ms == 0 {
             return Err(bad("the connect timeout must be positive".into()));
         }
-        let pool = Pool::from_config(&s.name, &s.backends, &s.balancing, false).map_err(bad)?;
-        let (stop, stopped) = async_channel::bounded::<()>(1);
-        if let Some(check) = &s.health_check {
-            health::spawn_checks(net, &s.name, pool.backends(), check, &stopped);
+        let tls_pool = |name: &str, backends: &[crate::config::BackendConfig]| match s
+            .upstream_tls
+            .is_some()
+        {
+            true => Pool::from_config_tls(name, backends, &s.balancing),
+            false => Pool::from_config(name, backends, &s.balancing, false),
+        };
+        let pool = tls_pool(&s.name, &s.backends).map_err(bad)?;
+        // Certificates are read here, so a reload (which starts a new flow) picks up renewed
+        // files, and a bad one keeps the running flow.
+        let acceptor = match s.tls.is_empty() {
+            true => None,
+            false => Some(tls::Acceptor::new(&s.tls, false).map_err(bad)?),
+        };
+        let connector = match &s.upstream_tls {
+            Some(u) => Some(Arc::new(tls::Connector::new(u, &s.name).map_err(bad)?)),
+            None => None,
+        };
+        let mut sni = Vec::new();
+        for r in &s.sni_routes {
+            let name = format!("{}[{}]", s.name, r.server_name);
+            let pool = tls_pool(&name, &r.backends).map_err(bad)?;
+            sni.push((r.server_name.clone(), pool));
         }
+        let (stop, stopped) = async_channel::bounded::<()>(1);
         let resolve_every = Duration::from_millis(s.balancing.resolve_interval_ms);
-        balancer::spawn_resolver(net, &s.name, pool.backends(), resolve_every, &stopped);
+        let mut pools = vec![(s.name.clone(), &pool)];
+        pools.extend(sni.iter().map(|(n, p)| (format!("{}[{n}]", s.name), p)));
+        for (name, p) in &pools {
+            if let Some(check) = &s.health_check {
+                let tls = connector.clone();
+                health::spawn_checks(net, name, p.backends(), check, &stopped, tls);
+            }
+            balancer::spawn_resolver(net, name, p.backends(), resolve_every, &stopped);
+        }
         let metrics = metrics::section("tcp", &s.name);
-        metrics.set_pools(vec![(s.name.clone(), pool.backends().to_vec())]);
+        metrics.set_pools(
+            pools
+                .iter()
+                .map(|(n, p)| (n.clone(), p.backends().to_vec()))
+                .collect(),
+        );
         Ok(Arc::new(Flow {
+            acceptor,
+            connector,
+            sni,
             metrics,
             admission: limit::Admission::new(&s.name, s.limits, global, net.now()),
             retry: Retry::from_config(&s.balancing, s.connect_timeout_ms),
@@ -249,6 +301,65 @@ impl Flow {
     /// Stops this flow's health checks and resolver.
     pub(crate) fn stop_background(&self) {
         drop(self.stop.lock().unwrap_or_else(|e| e.into_inner()).take());
+    }
+
+    /// A TLS listener's handshake, or an `sni_route` listener's peek at the ClientHello:
+    /// the client's stream, the bytes that belong to the tunnel, and the server name the
+    /// client asked for. `None` when the connection ends here (logged and counted).
+    async fn open<N: Net>(
+        &self,
+        net: &N,
+        mut client: N::Stream,
+        early: Vec<u8>,
+        peer: SocketAddr,
+    ) -> Option<(tls::Stream<N::Stream>, Vec<u8>, Option<String>)> {
+        let limit = TLS_HANDSHAKE_TIMEOUT;
+        if let Some(acceptor) = &self.acceptor {
+            return match tls::accept(net, acceptor, client, early, limit).await {
+                Ok(Ok(stream)) => {
+                    let name = stream.server_name().map(str::to_string);
+                    Some((stream, Vec::new(), name))
+                }
+                Ok(Err((mut client, _))) => {
+                    warn!(
+                        "tcp name={} client={peer} TLS handshake failed (not_tls): the client does not speak TLS",
+                        self.name
+                    );
+                    self.metrics.tls_handshake_failed("not_tls");
+                    let _ = net::timeout(net, limit, client.close()).await;
+                    None
+                }
+                Err(e) => {
+                    let reason = tls::failure_reason(&e);
+                    warn!(
+                        "tcp name={} client={peer} TLS handshake failed ({reason}): {e}",
+                        self.name
+                    );
+                    self.metrics.tls_handshake_failed(reason);
+                    None
+                }
+            };
+        }
+        if self.sni.is_empty() {
+            return Some((tls::Stream::Plain(client), early, None));
+        }
+        match net::timeout(net, limit, tls::peek_sni(&mut client, early)).await {
+            Ok((hello, bytes)) => {
+                let name = match hello {
+                    tls::Hello::Tls(name) => name,
+                    // Not TLS: no name to route by, so the section's own backends.
+                    _ => None,
+                };
+                Some((tls::Stream::Plain(client), bytes, name))
+            }
+            Err(e) => {
+                warn!(
+                    "tcp name={} client={peer} closed: no ClientHello to route by: {e}",
+                    self.name
+                );
+                None
+            }
+        }
     }
 
     pub(crate) async fn handle<N: Net>(
@@ -283,26 +394,35 @@ impl Flow {
                 return;
             }
         };
+        let local = net.local_addr(&client).ok();
+        let Some((mut client, early, server_name)) = self.open(&net, client, early, peer).await
+        else {
+            return;
+        };
+        let pool = server_name
+            .as_deref()
+            .and_then(|n| self.sni.iter().find(|(p, _)| tls::name_matches(p, n)))
+            .map_or(&self.pool, |(_, pool)| pool);
         let key = client_ip_key(peer.ip());
-        let mut attempts = self.pool.attempts(Some(key), self.retry, started);
+        let mut attempts = pool.attempts(Some(key), self.retry, started);
         let mut connected = None;
         let mut exhausted = false;
         while let Some(mut lease) = attempts.next(net.now()) {
             let limit = attempts.connect_timeout(net.now());
             let header = self.proxy_protocol.map(|v| {
-                let dest = net
-                    .local_addr(&client)
-                    .ok()
-                    .or(self.listen_addr)
-                    .unwrap_or(peer);
+                let dest = local.or(self.listen_addr).unwrap_or(peer);
                 proxy_protocol::encode(v, peer, dest)
             });
             let connect = async {
                 let mut stream = lease.backend().connect(&net).await?;
+                // The PROXY header goes first, on the raw connection, before any TLS.
                 if let Some(header) = header {
                     stream.write_all(&header).await?;
                 }
-                Ok(stream)
+                match &self.connector {
+                    Some(c) => c.connect(lease.backend().host(), stream).await,
+                    None => Ok(tls::Stream::Plain(stream)),
+                }
             };
             let tried = net.now();
             match net::timeout(&net, limit, connect).await {
@@ -328,7 +448,10 @@ impl Flow {
                         self.name,
                         lease.backend()
                     );
-                    let reason = metrics::failure_reason(&e);
+                    let reason = match tls::is_backend_handshake(&e) {
+                        true => "tls_handshake",
+                        false => metrics::failure_reason(&e),
+                    };
                     self.metrics.connect_failed(lease.backend().addr(), reason);
                     lease.failed(net.now());
                 }
@@ -357,10 +480,20 @@ impl Flow {
         access.connect_ms = Some(net.now().duration_since(started).as_millis());
         access.opened();
         let max_age = self.admission.max_age(u64::from(peer.port()));
-        let relay = Relay::new(&mut client, &mut upstream)
-            .pending(early, Vec::new())
-            .splice();
-        let (report, cut) = limit::run_tunnel(&net, relay, &self.admission, max_age).await;
+        let (report, cut) = match (&mut client, &mut upstream) {
+            (tls::Stream::Plain(client), tls::Stream::Plain(upstream)) => {
+                let relay = Relay::new(client, upstream)
+                    .pending(early, Vec::new())
+                    .splice();
+                limit::run_tunnel(&net, relay, &self.admission, max_age).await
+            }
+            // TLS on either side: the copying relay, over the TLS streams.
+            #[cfg(feature = "tls")]
+            (client, upstream) => {
+                let relay = Relay::new(client, upstream).pending(early, Vec::new());
+                limit::run_tunnel(&net, relay, &self.admission, max_age).await
+            }
+        };
         access.duration_ms = net.now().duration_since(started).as_millis();
         access.up = report.client_to_backend;
         access.down = report.backend_to_client;

@@ -28,6 +28,7 @@ use crate::relay::Relay;
 use crate::route;
 use crate::server;
 use crate::tcp::{client_ip_key, ending, DEFAULT_CONNECT_TIMEOUT_MS, DEFAULT_DRAIN_TIMEOUT_MS};
+use crate::tls;
 use crate::Error;
 
 /// The most of a refusing backend's body (after its head) passed on to the client: enough for
@@ -91,6 +92,8 @@ impl WsProxy {
             health_path: None,
             limits: crate::limit::Limits::default(),
             reuse_port: false,
+            tls: Vec::new(),
+            upstream_tls: None,
             routes: vec![route],
         })
     }
@@ -231,6 +234,10 @@ pub(crate) struct Flow {
     health_path: Option<String>,
     routes: Vec<Route>,
     metrics: Arc<metrics::Section>,
+    /// Terminates TLS on the listener (`tls`), with certificates read when the flow started.
+    acceptor: Option<tls::Acceptor>,
+    /// Speaks TLS to `wss://` backends; present when there is one.
+    connector: Option<Arc<tls::Connector>>,
 }
 
 /// A configured route with its pool.
@@ -258,7 +265,8 @@ impl Flow {
         for r in &flow.routes {
             let pool = format!("{}{}", flow.name, r.config.path);
             if let Some(check) = &r.config.health_check {
-                health::spawn_checks(net, &pool, r.pool.backends(), check, &stopped);
+                let tls = flow.connector.clone();
+                health::spawn_checks(net, &pool, r.pool.backends(), check, &stopped, tls);
             }
             let every = Duration::from_millis(r.config.balancing.resolve_interval_ms);
             balancer::spawn_resolver(net, &pool, r.pool.backends(), every, &stopped);
@@ -282,14 +290,25 @@ impl Flow {
         if s.connect_timeout_ms == 0 || s.read_timeout_ms == 0 || s.upgrade_timeout_ms == 0 {
             return Err(bad("timeouts must be positive".into()));
         }
+        // Certificates are read here, so a reload (which starts a new flow) picks up renewed
+        // files, and a bad one keeps the running flow.
+        let acceptor = match s.tls.is_empty() {
+            true => None,
+            false => Some(tls::Acceptor::new(&s.tls, true).map_err(bad)?),
+        };
         let mut routes = Vec::new();
+        let mut wss = false;
         for r in &s.routes {
             let name = format!("{}{}", s.name, r.path);
             let pool = Pool::from_config(&name, &r.backends, &r.balancing, true)
                 .map_err(|why| bad(format!("route {}: {why}", r.path)))?;
+            wss |= pool.backends().iter().any(|b| b.is_tls());
             routes.push(Route {
                 config: r.clone(),
-                forward: ForwardOptions::from(r),
+                forward: ForwardOptions {
+                    https: acceptor.is_some(),
+                    ..ForwardOptions::from(r)
+                },
                 retry: Retry::from_config(&r.balancing, s.connect_timeout_ms),
                 pool,
             });
@@ -297,7 +316,16 @@ impl Flow {
         if routes.is_empty() {
             return Err(bad("no backends".into()));
         }
+        let connector = match (wss, &s.upstream_tls) {
+            (false, _) => None,
+            (true, Some(u)) => Some(Arc::new(tls::Connector::new(u, &s.name).map_err(bad)?)),
+            (true, None) => Some(Arc::new(
+                tls::Connector::new(&config::UpstreamTls::default(), &s.name).map_err(bad)?,
+            )),
+        };
         Ok(Flow {
+            acceptor,
+            connector,
             admission: limit::Admission::new(
                 &s.name,
                 s.limits.clone(),
@@ -347,10 +375,46 @@ impl Flow {
         };
         log.client = Some(peer);
         let admitted = self.admission.admit(peer.ip(), started);
+        // On a TLS listener, the handshake first (within the read timeout, as the head): every
+        // answer after it, a refusal included, goes over TLS.
+        let local = net.local_addr(&client).ok();
+        let (mut client, early) = match &self.acceptor {
+            None => (tls::Stream::Plain(client), early),
+            Some(acceptor) => {
+                let limit = self.read_timeout;
+                match Box::pin(tls::accept(&net, acceptor, client, early, limit)).await {
+                    Ok(Ok(stream)) => (stream, Vec::new()),
+                    Ok(Err((mut plain, _))) => {
+                        warn!("ws name={} client={peer} TLS handshake failed (not_tls): the client speaks plain HTTP to a TLS listener", self.name);
+                        self.metrics.tls_handshake_failed("not_tls");
+                        let text = "this listener speaks TLS: connect with wss:// or https://";
+                        let bytes = handshake::response(400, text, &[]);
+                        Box::pin(self.answer(&net, &mut plain, &bytes)).await;
+                        log.status = Some(400);
+                        log.end = "refused: plain HTTP to a TLS listener".into();
+                        log.duration_ms = net.now().duration_since(started).as_millis();
+                        log.closed(&self.metrics);
+                        return;
+                    }
+                    Err(e) => {
+                        let reason = tls::failure_reason(&e);
+                        warn!(
+                            "ws name={} client={peer} TLS handshake failed ({reason}): {e}",
+                            self.name
+                        );
+                        self.metrics.tls_handshake_failed(reason);
+                        log.end = format!("client TLS handshake failed: {reason}");
+                        log.duration_ms = net.now().duration_since(started).as_millis();
+                        log.closed(&self.metrics);
+                        return;
+                    }
+                }
+            }
+        };
         let outcome = match &admitted {
             // Boxed, so the tunnel's task does not keep the handshake's ~10 KiB state for
             // its whole life.
-            Ok(_) => Box::pin(self.upgrade(&net, &mut client, peer, early, &mut log)).await,
+            Ok(_) => Box::pin(self.upgrade(&net, &mut client, local, peer, early, &mut log)).await,
             Err(why) => {
                 self.metrics.refused(*why);
                 Err(over_capacity("over a connection limit"))
@@ -370,10 +434,20 @@ impl Flow {
                 log.connect_ms = Some(net.now().duration_since(started).as_millis());
                 log.opened();
                 let max_age = self.admission.max_age(u64::from(peer.port()));
-                let relay = Relay::new(&mut client, &mut upstream)
-                    .pending(Vec::new(), to_client)
-                    .splice();
-                let (report, cut) = limit::run_tunnel(&net, relay, &self.admission, max_age).await;
+                let (report, cut) = match (&mut client, &mut upstream) {
+                    (tls::Stream::Plain(client), tls::Stream::Plain(upstream)) => {
+                        let relay = Relay::new(client, upstream)
+                            .pending(Vec::new(), to_client)
+                            .splice();
+                        limit::run_tunnel(&net, relay, &self.admission, max_age).await
+                    }
+                    // TLS on either side: the copying relay, over the TLS streams.
+                    #[cfg(feature = "tls")]
+                    (client, upstream) => {
+                        let relay = Relay::new(client, upstream).pending(Vec::new(), to_client);
+                        limit::run_tunnel(&net, relay, &self.admission, max_age).await
+                    }
+                };
                 log.up += report.client_to_backend;
                 log.down = report.backend_to_client;
                 log.end = cut.map_or_else(|| ending(&report), str::to_string);
@@ -432,11 +506,12 @@ impl Flow {
     async fn upgrade<N: Net>(
         &self,
         net: &N,
-        client: &mut N::Stream,
+        client: &mut tls::Stream<N::Stream>,
+        local: Option<SocketAddr>,
         peer: SocketAddr,
         early: Vec<u8>,
         log: &mut Access,
-    ) -> Result<(N::Stream, Vec<u8>, Lease), Ended> {
+    ) -> Result<(tls::Stream<N::Stream>, Vec<u8>, Lease), Ended> {
         // Bytes that came behind a PROXY header are the start of the request head.
         let mut reader = futures_lite::io::Cursor::new(early).chain(&mut *client);
         let head = match net::timeout(
@@ -505,11 +580,7 @@ impl Flow {
                 .map_err(Ended::Refused)?;
             let limit = attempts.connect_timeout(net.now());
             let proxy_header = route.config.send_proxy_protocol.map(|v| {
-                let dest = net
-                    .local_addr(client)
-                    .ok()
-                    .or(self.listen_addr)
-                    .unwrap_or(peer);
+                let dest = local.or(self.listen_addr).unwrap_or(peer);
                 proxy_protocol::encode(v, peer, dest)
             });
             let tried = net.now();
@@ -517,10 +588,23 @@ impl Flow {
             let attempt = async {
                 let mut upstream = net::timeout(net, limit, backend_ref.connect(net)).await?;
                 connect_took = Some(net.now().duration_since(tried));
+                let mut upstream = match (&self.connector, backend_ref.is_tls()) {
+                    (Some(c), true) => {
+                        // The PROXY header goes first, on the raw connection, before TLS.
+                        if let Some(header) = &proxy_header {
+                            upstream.write_all(header).await?;
+                        }
+                        let host = backend_ref.host();
+                        let left = limit.saturating_sub(net.now().duration_since(tried));
+                        let handshake = Box::pin(c.connect(host, upstream));
+                        net::timeout(net, left, handshake).await?
+                    }
+                    _ => tls::Stream::Plain(upstream),
+                };
                 // The client's pipelined bytes go right behind the head: they are the tunnel's
                 // first bytes, and a backend that answers 101 expects them next.
                 let mut out = Vec::with_capacity(sent.head.len() + head.rest.len() + 64);
-                if let Some(header) = &proxy_header {
+                if let (Some(header), false) = (&proxy_header, upstream.is_tls()) {
                     out.extend_from_slice(header);
                 }
                 out.extend_from_slice(&sent.head);
@@ -550,6 +634,7 @@ impl Flow {
                     );
                     let reason = match connect_took {
                         None => metrics::failure_reason(&e),
+                        Some(_) if tls::is_backend_handshake(&e) => "tls_handshake",
                         Some(_) => "upgrade_error",
                     };
                     self.metrics.connect_failed(&backend, reason);

@@ -29,9 +29,11 @@ pub struct ForwardOptions {
     /// Append the client's IP to `X-Forwarded-For` (after any value the client sent, with
     /// `", "`), so the backend sees who connected and not the proxy.
     pub x_forwarded_for: bool,
-    /// Set `X-Forwarded-Proto: http` (the proxy's listener speaks plain HTTP), replacing any
-    /// value the client sent.
+    /// Set `X-Forwarded-Proto` (`http`, or `https` when [`ForwardOptions::https`]), replacing
+    /// any value the client sent.
     pub x_forwarded_proto: bool,
+    /// The client came over TLS terminated by the proxy: `X-Forwarded-Proto: https`.
+    pub https: bool,
     /// Set `X-Forwarded-Host` to the client's Host, replacing any value the client sent, so a
     /// backend that gets a rewritten Host still knows the public name.
     pub x_forwarded_host: bool,
@@ -52,6 +54,7 @@ impl Default for ForwardOptions {
             preserve_host: false,
             x_forwarded_for: true,
             x_forwarded_proto: true,
+            https: false,
             x_forwarded_host: true,
             headers: Vec::new(),
             subprotocols: None,
@@ -65,6 +68,7 @@ impl From<&WsRoute> for ForwardOptions {
             preserve_host: route.preserve_host,
             x_forwarded_for: route.x_forwarded_for,
             x_forwarded_proto: route.x_forwarded_proto,
+            https: false,
             x_forwarded_host: route.x_forwarded_host,
             headers: route.headers.clone(),
             subprotocols: route.subprotocols.clone(),
@@ -214,7 +218,14 @@ pub fn forward(
     manage(
         options.x_forwarded_proto,
         "X-Forwarded-Proto",
-        Some(b"http".to_vec()),
+        Some(
+            if options.https {
+                &b"https"[..]
+            } else {
+                b"http"
+            }
+            .to_vec(),
+        ),
     );
     manage(options.x_forwarded_host, "X-Forwarded-Host", client_host);
     let joined = (!protocols.is_empty()).then(|| protocols.join(", ").into_bytes());
