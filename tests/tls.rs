@@ -481,6 +481,39 @@ fn sni_selects_between_two_certificates() {
 }
 
 #[test]
+fn a_tls_1_2_client_is_served_too() {
+    run(async {
+        let ca = Ca::new("tls12");
+        let leaf = ca.leaf(&["localhost"], "proxy", Kind::Server);
+        let backend = echo().await;
+        let proxy = Proxy::tcp(&format!(
+            "[[tcp_proxy]]\nlisten = \"127.0.0.1:0\"\nbackends = [\"{backend}\"]\ntls = {{ cert = \"{}\", key = \"{}\" }}\n",
+            leaf.cert, leaf.key
+        ));
+        let config = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS12])
+            .unwrap()
+            .with_root_certificates(ca.roots())
+            .with_no_client_auth();
+        let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut tls = TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .expect("a TLS 1.2 handshake");
+        assert_eq!(
+            tls.get_ref().1.protocol_version(),
+            Some(rustls::ProtocolVersion::TLSv1_2)
+        );
+        tls.write_all(b"twelve").await.unwrap();
+        tls.flush().await.unwrap();
+        let mut back = [0u8; 6];
+        tls.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"twelve");
+    });
+}
+
+#[test]
 fn sni_routes_pass_tls_through_to_two_backends_by_name() {
     run(async {
         let ca = Ca::new("sni-route");
