@@ -2,7 +2,7 @@
 //! from a metrics crate: a handful of atomics per section and one function that prints them.
 //!
 //! Every section (a `[[tcp_proxy]]` or `[[ws_proxy]]`, or a builder's proxy, by its name) has
-//! one [`Section`] in a process-wide registry. A reload that keeps a section's name keeps its
+//! one `Section` in a process-wide registry. A reload that keeps a section's name keeps its
 //! series, so counters only ever grow. Backend gauges (health, open connections) are read from
 //! the live pools when scraped, so they always show the running configuration.
 //!
