@@ -55,6 +55,7 @@ struct Opts {
     rounds: usize,
     idle: usize,
     only: Option<Vec<String>>,
+    tests: Option<Vec<String>>,
 }
 
 impl Opts {
@@ -71,6 +72,7 @@ impl Opts {
                 .and_then(|s| s.parse().ok())
                 .unwrap_or(9000),
             only: None,
+            tests: None,
         };
         let mut args = std::env::args().skip(1);
         while let Some(a) = args.next() {
@@ -84,10 +86,12 @@ impl Opts {
                 "--rounds" => o.rounds = val().parse().expect("--rounds N"),
                 "--idle" => o.idle = val().parse().expect("--idle CONNECTIONS"),
                 "--only" => o.only = Some(val().split(',').map(str::to_string).collect()),
+                "--tests" => o.tests = Some(val().split(',').map(str::to_string).collect()),
                 _ => {
                     eprintln!(
                         "usage: bench [--quick] [--secs S] [--rounds N] [--idle N] \
-                         [--only direct,portcullis,nginx,haproxy]"
+                         [--only direct,portcullis,nginx,haproxy] \
+                         [--tests idle,echo64,echo16k,hs,tcp1,tcp8]"
                     );
                     std::process::exit(2);
                 }
@@ -888,7 +892,15 @@ fn main() {
                 .as_ref()
                 .map_or((ws_backend, tcp_backend), |p| (p.ws, p.tcp));
             let pid = proxy.as_ref().map(|p| p.child.id());
-            let out = smol::block_on(ex.run(run_target(&ex, ws, tcp, pid, d, opts.idle)));
+            let out = smol::block_on(ex.run(run_target(
+                &ex,
+                ws,
+                tcp,
+                pid,
+                d,
+                opts.idle,
+                opts.tests.as_deref(),
+            )));
             for (k, v) in out.values {
                 results.entry((target, k)).or_default().push(v);
             }
@@ -913,11 +925,13 @@ async fn run_target(
     pid: Option<u32>,
     d: Duration,
     idle: usize,
+    tests: Option<&[String]>,
 ) -> Outcome {
     let mut out = Outcome::default();
+    let on = |t: &str| tests.is_none_or(|ts| ts.iter().any(|x| x == t));
     let limit = d + Duration::from_secs(30);
     let cpu = || pid.map_or(f64::NAN, cpu_secs);
-    if let Some(pid) = pid {
+    if let Some(pid) = pid.filter(|_| on("idle")) {
         match bounded(limit, async {
             test_idle(ex, ws, pid, idle).await.map(|b| vec![b])
         })
@@ -928,6 +942,9 @@ async fn run_target(
         }
     }
     for (name, size) in [("echo64", 64), ("echo16k", 16 * 1024)] {
+        if !on(name) {
+            continue;
+        }
         let c0 = cpu();
         match bounded(limit, async {
             test_echo(ex, ws, size, d)
@@ -951,6 +968,9 @@ async fn run_target(
     }
     let c0 = cpu();
     match bounded(limit, async {
+        if !on("hs") {
+            return Err(other("skipped"));
+        }
         test_handshakes(ex, ws, d).await.map(|r| vec![r])
     })
     .await
@@ -959,9 +979,13 @@ async fn run_target(
             out.values.push(("hs", v[0]));
             out.values.push(("cpu_hs", cpu() - c0));
         }
+        Err(e) if e.to_string() == "skipped" => {}
         Err(e) => eprintln!("  handshakes: {e}"),
     }
     for (name, cname, conns) in [("tcp1", "cpu_tcp1", 1), ("tcp8", "cpu_tcp8", 8)] {
+        if !on(name) {
+            continue;
+        }
         let c0 = cpu();
         match bounded(limit, async {
             test_tcp(ex, tcp, conns, d).await.map(|r| vec![r])
