@@ -242,7 +242,7 @@ pub(crate) fn splicers<C: std::any::Any, B: std::any::Any>(
 }
 
 #[cfg(target_os = "linux")]
-pub(crate) use splice::Splicer;
+pub(crate) use splice::{SpliceError, Splicer};
 
 /// Tunnel bytes moved with splice(2): socket → pipe → socket, never copied into user space.
 #[cfg(target_os = "linux")]
@@ -292,6 +292,18 @@ mod splice {
         });
     }
 
+    /// Why a [`Splicer`] stopped.
+    #[derive(Debug)]
+    pub(crate) enum SpliceError {
+        /// Reading `src` failed.
+        Read(io::Error),
+        /// Writing `dst` failed.
+        Write(io::Error),
+        /// No pipe could be had (descriptors exhausted) while no byte was in flight: the
+        /// direction can go on with the copying relay.
+        NoPipe,
+    }
+
     /// One direction of a spliced tunnel: from `src` into a pipe, from the pipe to `dst`.
     pub(crate) struct Splicer {
         src: Arc<Async<TcpStream>>,
@@ -321,11 +333,11 @@ mod splice {
 
         /// Moves one chunk: `Ready(Ok(n))` after writing `n > 0` bytes to `dst`, `Ready(Ok(0))`
         /// at the end of `src` with nothing left in the pipe, `Pending` when `src` has nothing
-        /// or `dst` takes nothing now. An error says whether it was reading (`true`) or writing.
+        /// or `dst` takes nothing now.
         pub(crate) fn poll_move(
             &mut self,
             cx: &mut Context<'_>,
-        ) -> Poll<Result<usize, (bool, io::Error)>> {
+        ) -> Poll<Result<usize, SpliceError>> {
             let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
             loop {
                 if let (Some(pipe), true) = (&self.pipe, self.in_pipe > 0) {
@@ -337,7 +349,11 @@ mod splice {
                         self.in_pipe,
                         flags,
                     ) {
-                        Ok(0) => return Poll::Ready(Err((false, io::ErrorKind::WriteZero.into()))),
+                        Ok(0) => {
+                            return Poll::Ready(Err(SpliceError::Write(
+                                io::ErrorKind::WriteZero.into(),
+                            )))
+                        }
                         Ok(n) => {
                             self.in_pipe -= n;
                             if self.in_pipe == 0 {
@@ -348,15 +364,19 @@ mod splice {
                         Err(Errno::INTR) => {}
                         Err(Errno::AGAIN) => match self.dst.poll_writable(cx) {
                             Poll::Ready(Ok(())) => {}
-                            Poll::Ready(Err(e)) => return Poll::Ready(Err((false, e))),
+                            Poll::Ready(Err(e)) => return Poll::Ready(Err(SpliceError::Write(e))),
                             Poll::Pending => return Poll::Pending,
                         },
-                        Err(e) => return Poll::Ready(Err((false, e.into()))),
+                        Err(e) => return Poll::Ready(Err(SpliceError::Write(e.into()))),
                     }
                 } else {
                     let pipe = match self.pipe.take() {
                         Some(p) => p,
-                        None => take_pipe().map_err(|e| (true, e))?,
+                        // Out of descriptors (or pipes): the caller copies instead.
+                        None => match take_pipe() {
+                            Ok(p) => p,
+                            Err(_) => return Poll::Ready(Err(SpliceError::NoPipe)),
+                        },
                     };
                     match splice(self.src.get_ref(), None, &pipe.write, None, CHUNK, flags) {
                         Ok(0) => {
@@ -373,13 +393,15 @@ mod splice {
                             give_pipe(pipe);
                             match self.src.poll_readable(cx) {
                                 Poll::Ready(Ok(())) => {}
-                                Poll::Ready(Err(e)) => return Poll::Ready(Err((true, e))),
+                                Poll::Ready(Err(e)) => {
+                                    return Poll::Ready(Err(SpliceError::Read(e)))
+                                }
                                 Poll::Pending => return Poll::Pending,
                             }
                         }
                         Err(e) => {
                             give_pipe(pipe);
-                            return Poll::Ready(Err((true, e.into())));
+                            return Poll::Ready(Err(SpliceError::Read(e.into())));
                         }
                     }
                 }

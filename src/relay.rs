@@ -195,14 +195,21 @@ impl Direction {
                 budget -= 1;
                 #[cfg(target_os = "linux")]
                 if let Some(splicer) = &mut self.splice {
+                    use crate::net::SpliceError;
                     match splicer.poll_move(cx) {
                         Poll::Ready(Ok(0)) => self.eof = true,
                         Poll::Ready(Ok(n)) => {
                             self.moved += n as u64;
                             self.dirty = true;
                         }
-                        Poll::Ready(Err((true, e))) => return Poll::Ready(Err(Failure::Read(e))),
-                        Poll::Ready(Err((false, e))) => return Poll::Ready(Err(Failure::Write(e))),
+                        Poll::Ready(Err(SpliceError::Read(e))) => {
+                            return Poll::Ready(Err(Failure::Read(e)))
+                        }
+                        // No pipe to be had: this direction copies from now on.
+                        Poll::Ready(Err(SpliceError::NoPipe)) => self.splice = None,
+                        Poll::Ready(Err(SpliceError::Write(e))) => {
+                            return Poll::Ready(Err(Failure::Write(e)))
+                        }
                         Poll::Pending => return Poll::Pending,
                     }
                     continue;
