@@ -1,10 +1,15 @@
 //! The relay: bytes both ways between a client and a backend until both directions are done.
 //!
-//! One future per connection, one buffer per direction, no task per direction and no split: the
-//! future polls both directions in turn. When a read side reaches end of file, the opposite write
-//! side is flushed and closed exactly once (a half-close, which the peer sees as a FIN); the relay
-//! completes when both directions are closed or either side fails, and reports the bytes moved.
-//! A per-poll budget keeps one busy direction from starving the other.
+//! One future per connection, no task per direction and no split: the future polls both
+//! directions in turn. When a read side reaches end of file, the opposite write side is flushed
+//! and closed exactly once (a half-close, which the peer sees as a FIN); the relay completes when
+//! both directions are closed or either side fails, and reports the bytes moved. A per-poll
+//! budget keeps one busy direction from starving the other.
+//!
+//! An idle tunnel holds no buffer: reads go into the executor thread's scratch buffer and are
+//! written straight out of it, and a direction owns a buffer only while its writer is slower than
+//! its reader. With [`Relay::splice`], two plain sockets on Linux are joined with splice(2)
+//! through a pipe that is held only while bytes are in it (see `net::Splicer`).
 
 use std::fmt;
 use std::future::Future;
