@@ -119,30 +119,51 @@ impl SmolNet {
     /// moment where the port is closed.
     #[cfg(unix)]
     pub fn bind_reuse_port(&self, addr: &str) -> io::Result<SmolListener> {
-        use rustix::net::{sockopt, AddressFamily, SocketFlags, SocketType};
-        use std::net::ToSocketAddrs;
-        let sa = addr.to_socket_addrs()?.next().ok_or_else(|| {
-            io::Error::new(io::ErrorKind::NotFound, "the address resolves to nothing")
-        })?;
-        let family = if sa.is_ipv4() {
-            AddressFamily::INET
-        } else {
-            AddressFamily::INET6
-        };
-        let fd = rustix::net::socket_with(family, SocketType::STREAM, SocketFlags::CLOEXEC, None)?;
-        sockopt::set_socket_reuseaddr(&fd, true)?;
-        sockopt::set_socket_reuseport(&fd, true)?;
-        rustix::net::bind(&fd, &sa)?;
-        // The backlog the kernel caps anyway (somaxconn); a proxy wants every SYN it can hold.
-        rustix::net::listen(&fd, 4096)?;
-        let listener = std::net::TcpListener::from(fd);
-        async_net::TcpListener::try_from(listener).map(SmolListener)
+        listen(addr, true)
     }
 
     /// A runtime that spawns connection tasks onto `executor`.
     pub fn new(executor: Arc<smol::Executor<'static>>) -> Self {
         SmolNet { executor }
     }
+}
+
+/// The listen backlog asked for. std's `bind` asks for 128, so a burst of a few hundred
+/// connections loses SYNs and its clients wait a second or more to retry; the kernel caps this
+/// at `net.core.somaxconn` (4096 on current Linux) anyway.
+#[cfg(unix)]
+const BACKLOG: i32 = 4096;
+
+/// A listening socket on the first address `addr` resolves to that can be bound, with
+/// `SO_REUSEADDR` (as std sets it) and, if asked, `SO_REUSEPORT`.
+#[cfg(unix)]
+fn listen(addr: &str, reuse_port: bool) -> io::Result<SmolListener> {
+    use rustix::net::{sockopt, AddressFamily, SocketFlags, SocketType};
+    use std::net::ToSocketAddrs;
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "the address resolves to nothing");
+    for sa in addr.to_socket_addrs()? {
+        let family = if sa.is_ipv4() {
+            AddressFamily::INET
+        } else {
+            AddressFamily::INET6
+        };
+        let bound = (|| {
+            let fd =
+                rustix::net::socket_with(family, SocketType::STREAM, SocketFlags::CLOEXEC, None)?;
+            sockopt::set_socket_reuseaddr(&fd, true)?;
+            if reuse_port {
+                sockopt::set_socket_reuseport(&fd, true)?;
+            }
+            rustix::net::bind(&fd, &sa)?;
+            rustix::net::listen(&fd, BACKLOG)?;
+            Ok::<_, io::Error>(std::net::TcpListener::from(fd))
+        })();
+        match bound {
+            Ok(listener) => return async_net::TcpListener::try_from(listener).map(SmolListener),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
 }
 
 impl fmt::Debug for SmolNet {
@@ -191,6 +212,9 @@ impl Net for SmolNet {
     type Listener = SmolListener;
 
     async fn bind(&self, addr: &str) -> io::Result<SmolListener> {
+        #[cfg(unix)]
+        return listen(addr, false);
+        #[cfg(not(unix))]
         async_net::TcpListener::bind(addr).await.map(SmolListener)
     }
 
