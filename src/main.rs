@@ -85,6 +85,22 @@ struct Demo {
     listen: String,
 }
 
+/// Raises the soft limit on open files to the hard limit, as nginx's `worker_rlimit_nofile`
+/// and Go's runtime do: every tunnel holds two descriptors, and the usual soft limit of 1024
+/// would stop the proxy near 500 tunnels where the hard limit allows far more. Failing
+/// changes nothing: the proxy then refuses what it cannot serve.
+#[cfg(unix)]
+fn raise_open_file_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    if let (Some(soft), Some(hard)) = (limit.current, limit.maximum) {
+        if soft < hard {
+            limit.current = Some(hard);
+            let _ = setrlimit(Resource::Nofile, limit);
+        }
+    }
+}
+
 /// Exit status for a usage or configuration error, as most Unix tools use.
 const EXIT_USAGE: u8 = 2;
 
@@ -114,6 +130,8 @@ fn main() -> ExitCode {
         println!("portcullis {}", env!("CARGO_PKG_VERSION"));
         return ExitCode::SUCCESS;
     }
+    #[cfg(unix)]
+    raise_open_file_limit();
     let result = match (cli.command, cli.config) {
         (Some(_), Some(_)) => usage(name, "--config goes with no subcommand (or after `check`)"),
         (None, None) => usage(

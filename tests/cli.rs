@@ -1032,3 +1032,41 @@ fn out_of_descriptors_it_keeps_its_tunnels_backs_off_and_serves_again_when_they_
         Some(0)
     );
 }
+
+#[test]
+fn the_soft_open_file_limit_is_raised_to_the_hard_one() {
+    let mut child = Command::new("sh")
+        .args([
+            "-c",
+            "ulimit -Sn 64 && exec \"$0\" tcp --listen 127.0.0.1:0 --backend 127.0.0.1:9",
+            env!("CARGO_BIN_EXE_portcullis"),
+        ])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let hard = std::fs::read_to_string("/proc/self/limits")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .map(|l| l.split_whitespace().nth(4).unwrap().to_string())
+        .unwrap();
+    // Once the shell has become the proxy, and the proxy has had a moment to start.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::fs::read_to_string(format!("/proc/{}/comm", child.id())).unwrap() != "portcullis\n" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never became portcullis"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let soft = line.split_whitespace().nth(3).unwrap().to_string();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(soft, hard, "soft limit after start");
+}
