@@ -64,6 +64,23 @@ fn args() -> Args {
     a
 }
 
+/// Open descriptors of process `pid`: (sockets, pipes, others). Pipes are the splice pool's,
+/// kept per thread for reuse (at most 64 per thread), so only sockets and others count as leaks.
+fn descriptors(pid: u32) -> (usize, usize, usize) {
+    let mut counts = (0, 0, 0);
+    let entries = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten();
+    for entry in entries.flatten() {
+        match std::fs::read_link(entry.path()) {
+            Ok(target) if target.to_string_lossy().starts_with("socket:") => counts.0 += 1,
+            Ok(target) if target.to_string_lossy().starts_with("pipe:") => counts.1 += 1,
+            _ => counts.2 += 1,
+        }
+    }
+    counts
+}
+
 /// (resident KiB, open descriptors) of process `pid`.
 fn usage(pid: u32) -> (u64, usize) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -180,6 +197,7 @@ fn main() {
         let pid = proxy.id();
         smol::Timer::after(Duration::from_millis(500)).await;
         let (rss0, fds0) = usage(pid);
+        let (sockets0, pipes0, other0) = descriptors(pid);
         println!(
             "soak: {} connections for {} s (warm-up {} s) through {proxy_addr}; proxy idle: {rss0} KiB, {fds0} fds",
             a.connections, a.seconds, a.warmup
@@ -226,6 +244,7 @@ fn main() {
         }
         smol::Timer::after(Duration::from_secs(2)).await;
         let (rss_end, fds_end) = usage(pid);
+        let (sockets_end, pipes_end, other_end) = descriptors(pid);
         let _ = proxy.kill();
         let _ = proxy.wait();
 
@@ -252,7 +271,13 @@ fn main() {
         println!(
             "proxy descriptors: {fds0} idle, {peak_fds} at peak, {fds_end} after the clients left"
         );
-        let ok = wrong == 0 && sent == echoed && failed == 0 && drift <= 5.0 && fds_end <= fds0;
+        println!(
+            "  sockets {sockets0} -> {sockets_end}, splice pool pipes {pipes0} -> {pipes_end}, other {other0} -> {other_end}"
+        );
+        // The splice pool keeps at most 64 pipes (2 descriptors each) per executor thread.
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let leak = sockets_end > sockets0 || other_end > other0 || pipes_end > threads * 128;
+        let ok = wrong == 0 && sent == echoed && failed == 0 && drift <= 5.0 && !leak;
         println!("{}", if ok { "PASS" } else { "FAIL" });
         if !ok {
             std::process::exit(1);
