@@ -105,9 +105,16 @@ struct Direction {
     closed: bool,
     /// Bytes written so far.
     moved: u64,
-    /// Both peers are plain sockets: bytes go through a pipe with splice(2) instead.
+    /// Both peers are plain sockets: bulk bytes may go through a pipe with splice(2) instead.
     #[cfg(target_os = "linux")]
     splice: Option<crate::net::Splicer>,
+    /// The direction has moved bulk data, so it splices from then on: set when a copying read
+    /// fills the whole scratch buffer. Small messages (a chat, a game, a 64-byte echo) are
+    /// cheaper copied: one read and one write, where splicing costs two splices and a pipe.
+    /// (Going back to copying would need a rule that large messages split across reads do not
+    /// flip back and forth on; none measured better than staying.)
+    #[cfg(target_os = "linux")]
+    bulk: bool,
 }
 
 /// Which half of a direction failed: its reader's peer or its writer's peer.
@@ -199,7 +206,7 @@ impl Direction {
                 }
                 budget -= 1;
                 #[cfg(target_os = "linux")]
-                if let Some(splicer) = &mut self.splice {
+                if let (Some(splicer), true) = (&mut self.splice, self.bulk) {
                     use crate::net::SpliceError;
                     match splicer.poll_move(cx) {
                         Poll::Ready(Ok(0)) => self.eof = true,
@@ -233,6 +240,12 @@ impl Direction {
                         if wrote < n {
                             self.held = buf[wrote..n].to_vec();
                             return Poll::Pending;
+                        }
+                        // A full buffer: bulk data, spliced from here on (nothing is held, so
+                        // no byte can overtake another).
+                        #[cfg(target_os = "linux")]
+                        if n == buf.len() && self.splice.is_some() {
+                            self.bulk = true;
                         }
                     }
                     Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
