@@ -739,6 +739,173 @@ fn renewed_certificates_are_served_after_sighup_and_open_tunnels_go_on() {
     });
 }
 
+#[test]
+fn a_tcp_section_with_upstream_tls_carries_bytes_and_half_closes_to_a_tls_backend() {
+    run(async {
+        let ca = Ca::new("tcp-upstream");
+        let leaf = ca.leaf(&["localhost"], "backend", Kind::Server);
+        // The backend reads the whole request (its end is the proxy's close_notify), then
+        // answers with a larger reply, then closes: both half-closes must cross the proxy.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let backend = listener.local_addr().unwrap();
+        let (seen, saw) = smol::channel::bounded(1);
+        let config = server_config(&leaf, None);
+        smol::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let mut s = TlsAcceptor::from(config).accept(stream).await.unwrap();
+            let sni = s.get_ref().1.server_name().map(str::to_string);
+            let mut request = Vec::new();
+            s.read_to_end(&mut request).await.unwrap();
+            let mut reply = format!("after EOF, got {} bytes\n", request.len()).into_bytes();
+            reply.extend((0..300_000u32).map(|i| (i % 251) as u8));
+            s.write_all(&reply).await.unwrap();
+            s.close().await.unwrap();
+            seen.send((sni, request)).await.unwrap();
+        })
+        .detach();
+        let proxy = Proxy::tcp(&format!(
+            "[[tcp_proxy]]\nlisten = \"127.0.0.1:0\"\nbackends = [\"{backend}\"]\nupstream_tls = {{ ca = \"{}\", server_name = \"localhost\" }}\n",
+            ca.ca_path()
+        ));
+        let request: Vec<u8> = (0..200_000u32).map(|i| (i % 241) as u8).collect();
+        let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+        client.write_all(&request).await.unwrap();
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut back = Vec::new();
+        client
+            .read_to_end(&mut back)
+            .await
+            .expect("the reply, then the backend's close as a clean EOF");
+        let head = b"after EOF, got 200000 bytes\n";
+        assert_eq!(&back[..head.len()], head);
+        assert_eq!(back.len(), head.len() + 300_000, "the whole reply");
+        assert!(back[head.len()..]
+            .iter()
+            .enumerate()
+            .all(|(i, b)| *b == (i % 251) as u8));
+        let (sni, got) = saw.recv().await.unwrap();
+        assert_eq!(sni.as_deref(), Some("localhost"), "SNI from server_name");
+        assert!(
+            got == request,
+            "the request arrived intact ({} bytes)",
+            got.len()
+        );
+    });
+}
+
+impl Ca {
+    /// A self-signed server certificate for `names`, signed by no CA (this one neither).
+    fn self_signed(&self, names: &[&str]) -> Leaf {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(names)
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        Leaf {
+            cert: String::new(),
+            key: String::new(),
+            der: cert.der().clone(),
+            key_der: key.serialize_der(),
+        }
+    }
+}
+
+impl Binary {
+    /// The first line containing each of `what`, in whatever order they come, within a few
+    /// seconds.
+    fn wait_all(&self, what: &[&str]) -> Vec<String> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut found: Vec<Option<String>> = vec![None; what.len()];
+        while found.iter().any(Option::is_none) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let Ok(line) = self.lines.recv_timeout(left) else {
+                panic!("no line containing {what:?} (found {found:?})");
+            };
+            for (w, f) in what.iter().zip(&mut found) {
+                if f.is_none() && line.contains(w) {
+                    *f = Some(line.clone());
+                }
+            }
+        }
+        found.into_iter().map(Option::unwrap).collect()
+    }
+}
+
+/// The `addr=` of a `listening` log line.
+fn logged_addr(line: &str) -> SocketAddr {
+    let addr = line.split("addr=").nth(1).unwrap().split(' ').next();
+    addr.unwrap().parse().unwrap()
+}
+
+#[test]
+fn insecure_skip_verify_accepts_a_self_signed_backend_loudly_and_without_it_is_refused() {
+    run(async {
+        let ca = Ca::new("insecure");
+        let leaf = ca.self_signed(&["localhost"]);
+        let (ws_backend, _saw) = ws_backend(Some(server_config(&leaf, None))).await;
+        let tcp_backend = tls_echo(server_config(&leaf, None), "self-signed").await;
+
+        // With the opt-in: each section connects, and the start-up log says so loudly (one
+        // binary per section, as both listen on port 0).
+        let start = |kind: &str, section: String| {
+            let file = ca.dir.join(format!("{kind}.toml"));
+            std::fs::write(&file, section).unwrap();
+            let binary = Binary::start(&file);
+            let lines = binary.wait_all(&[
+                &format!("INSECURE: section {kind}-insecure does not verify"),
+                &format!("listening kind={kind}"),
+            ]);
+            assert!(
+                lines[0].contains("insecure_skip_verify = true"),
+                "{}",
+                lines[0]
+            );
+            (logged_addr(&lines[1]), binary)
+        };
+        let (ws_addr, _ws_binary) = start(
+            "ws",
+            format!(
+                "[[ws_proxy]]\nname = \"ws-insecure\"\nlisten = \"127.0.0.1:0\"\nbackends = [\"wss://localhost:{}/\"]\nupstream_tls = {{ insecure_skip_verify = true }}\n",
+                ws_backend.port()
+            ),
+        );
+        let (tcp_addr, _tcp_binary) = start(
+            "tcp",
+            format!(
+                "[[tcp_proxy]]\nname = \"tcp-insecure\"\nlisten = \"127.0.0.1:0\"\nbackends = [\"{tcp_backend}\"]\nupstream_tls = {{ insecure_skip_verify = true, server_name = \"localhost\" }}\n"
+            ),
+        );
+        let tcp = TcpStream::connect(ws_addr).await.unwrap();
+        let (mut ws, _) = async_tungstenite::client_async("ws://localhost/chat", tcp)
+            .await
+            .expect("the upgrade to a self-signed backend, unverified");
+        round_trip(&mut ws, "hello, unverified").await;
+        let mut tcp = TcpStream::connect(tcp_addr).await.unwrap();
+        tcp.write_all(b"ping").await.unwrap();
+        let mut back = [0u8; 16];
+        tcp.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"self-signed\nping");
+
+        // Without it, the same backends are refused: 502 for ws, a close for tcp.
+        let ws = Proxy::ws(&format!(
+            "[[ws_proxy]]\nlisten = \"127.0.0.1:0\"\nbackends = [\"wss://localhost:{}/\"]\n",
+            ws_backend.port()
+        ));
+        let status = status_of_upgrade(ws.addr).await;
+        assert!(status.starts_with("HTTP/1.1 502"), "{status}");
+        let tcp = Proxy::tcp(&format!(
+            "[[tcp_proxy]]\nlisten = \"127.0.0.1:0\"\nbackends = [\"{tcp_backend}\"]\nupstream_tls = {{ server_name = \"localhost\" }}\n"
+        ));
+        let mut s = TcpStream::connect(tcp.addr).await.unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got)
+            .await
+            .expect("a clean close, not a reset");
+        assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
+    });
+}
+
 /// Not a test but a measurement, run by hand in release mode:
 /// `cargo test --release -p portcullis --test tls -- --ignored --nocapture handshakes`.
 /// WebSocket handshakes per second through the proxy from 8 concurrent clients for 3 s each
