@@ -361,38 +361,40 @@ where
 {
     let idle = admission.limits.idle_timeout_ms.map(Duration::from_millis);
     let deadline = admission.global.as_ref().and_then(|g| g.deadline.as_ref());
-    let deadline = async {
-        match deadline {
-            Some(d) => {
-                let _ = d.recv().await;
-                DRAIN
+    // The relay publishes its progress only when something watches it; by default a quiet
+    // tunnel is a healthy one, and only the drain deadline can end it.
+    let progress = (idle.is_some() || max_age.is_some()).then(|| Arc::new(AtomicU64::new(0)));
+    let mut relay = match &progress {
+        Some(p) => relay.progress(p.clone()),
+        None => relay,
+    };
+    let cut = async {
+        let drain = async {
+            match deadline {
+                Some(d) => {
+                    let _ = d.recv().await;
+                    DRAIN
+                }
+                None => futures_lite::future::pending().await,
             }
-            None => futures_lite::future::pending().await,
+        };
+        match &progress {
+            Some(p) => futures_lite::future::or(watchdog(net, p, idle, max_age), drain).await,
+            None => drain.await,
         }
     };
-    if idle.is_none() && max_age.is_none() {
-        // The default: a quiet tunnel is a healthy one, so nothing watches it.
-        let mut relay = std::pin::pin!(relay);
-        let ended = futures_lite::future::or(async { Ok(relay.as_mut().await) }, async {
-            Err(deadline.await)
-        })
-        .await;
-        return match ended {
-            Ok(report) => (report, None),
-            Err(why) => (relay.report_so_far(Ok(())), Some(why)),
-        };
-    }
-    let progress = Arc::new(AtomicU64::new(0));
-    let mut relay = std::pin::pin!(relay.progress(progress.clone()));
-    let ended = futures_lite::future::or(async { Ok(relay.as_mut().await) }, async {
-        let watchdog = watchdog(net, &progress, idle, max_age);
-        Err(futures_lite::future::or(watchdog, deadline).await)
+    let mut cut = std::pin::pin!(cut);
+    // One relay, polled in place, and whatever may cut it: the task holds the relay once.
+    use std::future::Future;
+    std::future::poll_fn(|cx| {
+        if let std::task::Poll::Ready(report) = std::pin::Pin::new(&mut relay).poll(cx) {
+            return std::task::Poll::Ready((report, None));
+        }
+        cut.as_mut()
+            .poll(cx)
+            .map(|why| (relay.report_so_far(Ok(())), Some(why)))
     })
-    .await;
-    match ended {
-        Ok(report) => (report, None),
-        Err(why) => (relay.report_so_far(Ok(())), Some(why)),
-    }
+    .await
 }
 
 #[cfg(test)]
