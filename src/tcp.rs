@@ -395,8 +395,10 @@ impl Flow {
             }
         };
         let local = net.local_addr(&client).ok();
-        let Some((mut client, early, server_name)) = self.open(&net, client, early, peer).await
-        else {
+        // Boxed, as the connect below: the TLS handshake's and the connect's state (several
+        // KiB with TLS) is freed when the tunnel opens, rather than kept for its whole life.
+        let opened = Box::pin(self.open(&net, client, early, peer)).await;
+        let Some((mut client, early, server_name)) = opened else {
             return;
         };
         let pool = server_name
@@ -425,7 +427,7 @@ impl Flow {
                 }
             };
             let tried = net.now();
-            match net::timeout(&net, limit, connect).await {
+            match net::timeout(&net, limit, Box::pin(connect)).await {
                 Ok(stream) => {
                     let took = net.now().duration_since(tried);
                     self.metrics.connected(lease.backend().addr(), took);
