@@ -23,6 +23,11 @@
 //!   round-trip p50/p99;
 //! - WebSocket handshakes/s, 32 at a time: connect, upgrade, one echo, close handshake;
 //! - TCP throughput to a sink with 1 and 8 connections, counted by the sink;
+//! - the same WebSocket echo (64 B) and handshakes over TLS (`wss64`, `wss_hs`): the proxy
+//!   terminates TLS 1.3 (an ECDSA P-256 certificate from a CA made at start with rcgen) in
+//!   front of the same plain backend; the client (futures-rustls, trusting that CA) resumes no
+//!   sessions, so every handshake is a full one. Targets that cannot listen with TLS (and the
+//!   direct connection, whose backend speaks none) leave these rows empty;
 //! - the proxy's CPU seconds for each test (utime + stime from /proc/<pid>/stat).
 //!
 //! The client frames are written by hand (masked, as RFC 6455 requires), so the load generator
@@ -38,7 +43,9 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use async_net::{TcpListener, TcpStream};
-use futures_lite::{future, AsyncReadExt, AsyncWriteExt};
+use futures_lite::{future, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use futures_rustls::rustls::{self, pki_types::ServerName, ClientConfig, RootCertStore};
+use futures_rustls::TlsConnector;
 use smol::{LocalExecutor, Timer};
 
 /// The WebSocket key every client sends (the one from RFC 6455's example).
@@ -91,7 +98,7 @@ impl Opts {
                     eprintln!(
                         "usage: bench [--quick] [--secs S] [--rounds N] [--idle N] \
                          [--only direct,portcullis,nginx,haproxy] \
-                         [--tests idle,echo64,echo16k,hs,tcp1,tcp8]"
+                         [--tests idle,echo64,echo16k,hs,tcp1,tcp8,wss64,wss_hs]"
                     );
                     std::process::exit(2);
                 }
@@ -158,7 +165,7 @@ fn other(msg: impl Into<String>) -> io::Error {
 }
 
 /// Reads an HTTP head; returns it and any bytes that followed it.
-async fn read_head(s: &mut TcpStream) -> io::Result<(Vec<u8>, Vec<u8>)> {
+async fn read_head<S: AsyncRead + Unpin>(s: &mut S) -> io::Result<(Vec<u8>, Vec<u8>)> {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 2048];
     loop {
@@ -179,13 +186,35 @@ async fn read_head(s: &mut TcpStream) -> io::Result<(Vec<u8>, Vec<u8>)> {
 
 /// Connects to `addr` and completes a WebSocket upgrade.
 async fn ws_open(addr: SocketAddr) -> io::Result<TcpStream> {
-    let mut s = TcpStream::connect(addr).await?;
+    let s = TcpStream::connect(addr).await?;
     s.set_nodelay(true)?;
+    ws_upgrade(s, addr).await
+}
+
+/// Connects to `addr`, completes a TLS handshake for `localhost`, then a WebSocket upgrade.
+async fn wss_open(
+    addr: SocketAddr,
+    tls: TlsConnector,
+) -> io::Result<futures_rustls::client::TlsStream<TcpStream>> {
+    let s = TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    let s = tls
+        .connect(ServerName::try_from("localhost").unwrap(), s)
+        .await?;
+    ws_upgrade(s, addr).await
+}
+
+/// A WebSocket upgrade on a connection to `addr`.
+async fn ws_upgrade<S: AsyncRead + AsyncWrite + Unpin>(
+    mut s: S,
+    addr: SocketAddr,
+) -> io::Result<S> {
     let req = format!(
         "GET /echo HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
     );
     s.write_all(req.as_bytes()).await?;
+    s.flush().await?;
     let (head, rest) = read_head(&mut s).await?;
     if !head.starts_with(b"HTTP/1.1 101") {
         return Err(other(format!(
@@ -201,13 +230,14 @@ async fn ws_open(addr: SocketAddr) -> io::Result<TcpStream> {
 
 /// One echo of `frame` (a client frame carrying `len` payload bytes), checked when `expect` is
 /// given.
-async fn echo_once(
-    s: &mut TcpStream,
+async fn echo_once<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
     frame: &[u8],
     reply: &mut [u8],
     expect: Option<&[u8]>,
 ) -> io::Result<()> {
     s.write_all(frame).await?;
+    s.flush().await?; // a no-op on TCP; TLS may hold the record otherwise
     s.read_exact(reply).await?;
     if let Some(payload) = expect {
         let h = reply.len() - payload.len();
@@ -376,15 +406,20 @@ fn stop_after(ex: &LocalExecutor<'_>, d: Duration) -> Rc<Cell<bool>> {
     stop
 }
 
-async fn test_echo(
+/// Echoes over [`ECHO_CONNS`] connections, each opened by `open`.
+async fn test_echo<S, F>(
     ex: &LocalExecutor<'_>,
-    addr: SocketAddr,
+    open: impl Fn() -> F,
     size: usize,
     d: Duration,
-) -> io::Result<(f64, f64, f64)> {
+) -> io::Result<(f64, f64, f64)>
+where
+    S: AsyncRead + AsyncWrite + Unpin + 'static,
+    F: std::future::Future<Output = io::Result<S>>,
+{
     let mut conns = Vec::new();
     for _ in 0..ECHO_CONNS {
-        conns.push(ws_open(addr).await?);
+        conns.push(open().await?);
     }
     let mut tasks = Vec::new();
     for (i, mut s) in conns.into_iter().enumerate() {
@@ -426,32 +461,56 @@ async fn test_echo(
     Ok((all.len() as f64 / secs, pct(0.50), pct(0.99)))
 }
 
-/// Connect, upgrade, one 64 B echo, close handshake, wait for the server's FIN.
-async fn handshake_cycle(addr: SocketAddr, frame: &[u8], close: &[u8]) -> io::Result<()> {
-    let mut s = ws_open(addr).await?;
+/// Connect (`open`), upgrade, one 64 B echo, close handshake, wait for the server's FIN.
+async fn handshake_cycle<S, F>(open: &impl Fn() -> F, frame: &[u8], close: &[u8]) -> io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    F: std::future::Future<Output = io::Result<S>>,
+{
+    let mut s = open().await?;
     let mut reply = [0u8; 66];
     echo_once(&mut s, frame, &mut reply, None).await?;
     s.write_all(close).await?;
+    s.flush().await?;
     let mut rest = Vec::with_capacity(8);
-    s.read_to_end(&mut rest).await?;
+    let mut buf = [0u8; 64];
+    loop {
+        match s.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => rest.extend_from_slice(&buf[..n]),
+            // A TLS server that closes without a close_notify: the close frame is what counts.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof && rest.len() >= 4 => break,
+            Err(e) => return Err(e),
+        }
+    }
     if rest.first() != Some(&0x88) {
         return Err(other("no close frame"));
     }
     Ok(())
 }
 
-async fn test_handshakes(ex: &LocalExecutor<'_>, addr: SocketAddr, d: Duration) -> io::Result<f64> {
+/// Handshake cycles, [`HANDSHAKE_PARALLEL`] at a time, each connection opened by `open`.
+async fn test_handshakes<S, F>(
+    ex: &LocalExecutor<'_>,
+    open: impl Fn() -> F + Clone + 'static,
+    d: Duration,
+) -> io::Result<f64>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    F: std::future::Future<Output = io::Result<S>>,
+{
     let began = Instant::now();
     let stop = stop_after(ex, d);
     let mut tasks = Vec::new();
     for i in 0..HANDSHAKE_PARALLEL {
         let stop = stop.clone();
+        let open = open.clone();
         tasks.push(ex.spawn(async move {
             let frame = client_frame(0x2, &[7u8; 64], mask_key(i));
             let close = client_frame(0x8, &1000u16.to_be_bytes(), mask_key(i + 1));
             let mut n = 0u64;
             while !stop.get() {
-                handshake_cycle(addr, &frame, &close).await?;
+                handshake_cycle(&open, &frame, &close).await?;
                 n += 1;
             }
             Ok::<_, io::Error>(n)
@@ -607,6 +666,55 @@ struct Proxy {
     child: Child,
     ws: SocketAddr,
     tcp: SocketAddr,
+    /// The TLS-terminating WebSocket listener, when the proxy was started with one.
+    wss: Option<SocketAddr>,
+}
+
+/// The TLS material made at start: a private CA and a `localhost` certificate it signed,
+/// written to the scratch directory, and a client configuration trusting the CA.
+struct Certs {
+    cert: PathBuf,
+    key: PathBuf,
+    /// Certificate and key in one file, as HAProxy's `crt` takes them.
+    combined: PathBuf,
+    connector: TlsConnector,
+}
+
+fn make_certs(dir: &Path) -> Result<Certs, Box<dyn std::error::Error>> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair,
+        KeyUsagePurpose,
+    };
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "portcullis bench CA");
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate()?)?;
+    let key = KeyPair::generate()?;
+    let leaf = CertificateParams::new(vec!["localhost".to_string()])?.signed_by(&key, &ca)?;
+    let certs = Certs {
+        cert: dir.join("bench-cert.pem"),
+        key: dir.join("bench-key.pem"),
+        combined: dir.join("bench-haproxy.pem"),
+        connector: {
+            let mut roots = RootCertStore::empty();
+            roots.add(ca.der().clone())?;
+            let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+            let mut config = ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            // Every handshake a full one, whatever each server's session cache or tickets.
+            config.resumption = rustls::client::Resumption::disabled();
+            TlsConnector::from(std::sync::Arc::new(config))
+        },
+    };
+    std::fs::write(&certs.cert, leaf.pem())?;
+    std::fs::write(&certs.key, key.serialize_pem())?;
+    std::fs::write(&certs.combined, leaf.pem() + &key.serialize_pem())?;
+    Ok(certs)
 }
 
 impl Drop for Proxy {
@@ -616,17 +724,21 @@ impl Drop for Proxy {
     }
 }
 
-/// Starts `target`'s proxy on core 1 in front of the backends.
+/// Starts `target`'s proxy on core 1 in front of the backends; with `tls`, also a WebSocket
+/// listener terminating TLS in front of the same (plain) WebSocket backend.
 fn start_proxy(
     target: Target,
     bin: &Path,
     dir: &Path,
     ws_backend: SocketAddr,
     tcp_backend: SocketAddr,
+    tls: Option<&Certs>,
 ) -> io::Result<Proxy> {
     let (pw, pt) = (free_port(), free_port());
     let ws: SocketAddr = format!("127.0.0.1:{pw}").parse().unwrap();
     let tcp: SocketAddr = format!("127.0.0.1:{pt}").parse().unwrap();
+    let wss: Option<SocketAddr> =
+        tls.map(|_| format!("127.0.0.1:{}", free_port()).parse().unwrap());
     let mut cmd = Command::new("taskset");
     cmd.args(["-c", "1"]);
     match target {
@@ -637,7 +749,16 @@ fn start_proxy(
                 &file,
                 format!(
                     "[[ws_proxy]]\nlisten = \"{ws}\"\nbackends = [\"{ws_backend}\"]\n\n\
-                     [[tcp_proxy]]\nlisten = \"{tcp}\"\nbackends = [\"{tcp_backend}\"]\n"
+                     [[tcp_proxy]]\nlisten = \"{tcp}\"\nbackends = [\"{tcp_backend}\"]\n{}",
+                    match (wss, tls) {
+                        (Some(wss), Some(c)) => format!(
+                            "\n[[ws_proxy]]\nname = \"wss\"\nlisten = \"{wss}\"\nbackends = [\"{ws_backend}\"]\n\
+                             tls = {{ cert = \"{}\", key = \"{}\" }}\n",
+                            c.cert.display(),
+                            c.key.display()
+                        ),
+                        _ => String::new(),
+                    }
                 ),
             )?;
             let baseline = std::env::var_os("BENCH_BASELINE").map(PathBuf::from);
@@ -673,10 +794,24 @@ fn start_proxy(
                      proxy_set_header Upgrade $http_upgrade;\n\
                      proxy_set_header Connection \"upgrade\";\n      proxy_buffering off;\n\
                      proxy_buffer_size 16k;\n      proxy_buffers 8 16k;\n      proxy_busy_buffers_size 32k;\n      proxy_read_timeout 1h;\n\
-                     proxy_send_timeout 1h;\n    }}\n  }}\n}}\n\
+                     proxy_send_timeout 1h;\n    }}\n  }}\n{}}}\n\
                      stream {{\n  server {{\n    listen {tcp} backlog=4096;\n\
                      proxy_pass {tcp_backend};\n    proxy_buffer_size 16k;\n\
-                     proxy_half_close on;\n  }}\n}}\n"
+                     proxy_half_close on;\n  }}\n}}\n",
+                    match (wss, tls) {
+                        (Some(wss), Some(c)) => format!(
+                            "  server {{\n    listen {wss} ssl backlog=4096;\n\
+                             ssl_certificate {};\n    ssl_certificate_key {};\n\
+                             location / {{\n      proxy_pass http://ws;\n      proxy_http_version 1.1;\n\
+                             proxy_set_header Upgrade $http_upgrade;\n\
+                             proxy_set_header Connection \"upgrade\";\n      proxy_buffering off;\n\
+                             proxy_buffer_size 16k;\n      proxy_buffers 8 16k;\n      proxy_busy_buffers_size 32k;\n\
+                             proxy_read_timeout 1h;\n      proxy_send_timeout 1h;\n    }}\n  }}\n",
+                            c.cert.display(),
+                            c.key.display()
+                        ),
+                        _ => String::new(),
+                    }
                 ),
             )?;
             cmd.args(["nginx", "-p"]).arg(dir).arg("-c").arg(&file);
@@ -693,7 +828,14 @@ fn start_proxy(
                      frontend ws\n  bind {ws}\n  default_backend ws\n\n\
                      backend ws\n  server s1 {ws_backend}\n\n\
                      frontend tcp\n  mode tcp\n  bind {tcp}\n  default_backend tcp\n\n\
-                     backend tcp\n  mode tcp\n  server s1 {tcp_backend}\n"
+                     backend tcp\n  mode tcp\n  server s1 {tcp_backend}\n{}",
+                    match (wss, tls) {
+                        (Some(wss), Some(c)) => format!(
+                            "\nfrontend wss\n  bind {wss} ssl crt {} alpn http/1.1\n  default_backend ws\n",
+                            c.combined.display()
+                        ),
+                        _ => String::new(),
+                    }
                 ),
             )?;
             cmd.args(["haproxy", "-db", "-f"]).arg(&file);
@@ -706,9 +848,17 @@ fn start_proxy(
         // scratch directory (the last run's only), shown if the proxy fails to start.
         .stderr(std::fs::File::create(dir.join("stderr.log"))?)
         .spawn()?;
-    let proxy = Proxy { child, ws, tcp };
+    let proxy = Proxy {
+        child,
+        ws,
+        tcp,
+        wss,
+    };
     let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(ws).is_err() || std::net::TcpStream::connect(tcp).is_err() {
+    while std::net::TcpStream::connect(ws).is_err()
+        || std::net::TcpStream::connect(tcp).is_err()
+        || wss.is_some_and(|a| std::net::TcpStream::connect(a).is_err())
+    {
         if Instant::now() > deadline {
             let log = std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(5).collect();
@@ -826,12 +976,18 @@ const ROWS: &[(&str, &str)] = &[
     ("echo16k_p50", "  round trip p50, µs"),
     ("echo16k_p99", "  round trip p99, µs"),
     ("hs", "WS handshakes/s (32 at a time)"),
+    ("wss64", "WS echo 64 B over TLS, msgs/s"),
+    ("wss64_p50", "  round trip p50, µs"),
+    ("wss64_p99", "  round trip p99, µs"),
+    ("wss_hs", "WS handshakes/s over TLS (wss)"),
     ("tcp1", "TCP 1 conn, MB/s"),
     ("tcp8", "TCP 8 conns, MB/s"),
     ("idle", "memory per idle WS conn, KiB"),
     ("cpu_echo64", "proxy CPU s: echo 64 B"),
     ("cpu_echo16k", "proxy CPU s: echo 16 KiB"),
     ("cpu_hs", "proxy CPU s: handshakes"),
+    ("cpu_wss64", "proxy CPU s: echo 64 B over TLS"),
+    ("cpu_wss_hs", "proxy CPU s: wss handshakes"),
     ("cpu_tcp1", "proxy CPU s: TCP 1 conn"),
     ("cpu_tcp8", "proxy CPU s: TCP 8 conns"),
 ];
@@ -861,6 +1017,18 @@ fn main() {
     }
     let dir = std::env::temp_dir().join(format!("portcullis-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("a scratch directory");
+    let want_tls = opts
+        .tests
+        .as_ref()
+        .is_none_or(|ts| ts.iter().any(|t| t.starts_with("wss")));
+    let certs = match want_tls.then(|| make_certs(&dir)) {
+        Some(Ok(c)) => Some(c),
+        Some(Err(e)) => {
+            eprintln!("cannot make the TLS certificates ({e}): the wss rows are left out");
+            None
+        }
+        None => None,
+    };
     let d = Duration::from_secs_f64(opts.secs);
     eprintln!(
         "{} round(s) of {:.1} s per test, {} idle connections; targets: {}",
@@ -878,10 +1046,22 @@ fn main() {
     let started = Instant::now();
     for round in 0..opts.rounds {
         for &target in &targets {
+            let start = |tls| start_proxy(target, &bin, &dir, ws_backend, tcp_backend, tls);
             let proxy = match target {
                 Target::Direct => None,
-                t => match start_proxy(t, &bin, &dir, ws_backend, tcp_backend) {
+                t => match start(certs.as_ref()) {
                     Ok(p) => Some(p),
+                    // A target that cannot listen with TLS still runs the plain tests.
+                    Err(e) if certs.is_some() => match start(None) {
+                        Ok(p) => {
+                            eprintln!("round {}: {} cannot terminate TLS ({e}): its wss rows are left out", round + 1, t.name());
+                            Some(p)
+                        }
+                        Err(e) => {
+                            eprintln!("round {}: {}: {e}", round + 1, t.name());
+                            continue;
+                        }
+                    },
                     Err(e) => {
                         eprintln!("round {}: {}: {e}", round + 1, t.name());
                         continue;
@@ -892,10 +1072,15 @@ fn main() {
                 .as_ref()
                 .map_or((ws_backend, tcp_backend), |p| (p.ws, p.tcp));
             let pid = proxy.as_ref().map(|p| p.child.id());
+            let wss = proxy
+                .as_ref()
+                .and_then(|p| p.wss)
+                .zip(certs.as_ref().map(|c| c.connector.clone()));
             let out = smol::block_on(ex.run(run_target(
                 &ex,
                 ws,
                 tcp,
+                wss,
                 pid,
                 d,
                 opts.idle,
@@ -917,11 +1102,14 @@ fn main() {
     print_table(&targets, &results, &opts);
 }
 
-/// Every test against one target; failures are reported and leave their cells empty.
+/// Every test against one target; failures are reported and leave their cells empty. `wss`
+/// is the target's TLS listener and how to reach it, if it has one.
+#[allow(clippy::too_many_arguments)]
 async fn run_target(
     ex: &LocalExecutor<'_>,
     ws: SocketAddr,
     tcp: SocketAddr,
+    wss: Option<(SocketAddr, TlsConnector)>,
     pid: Option<u32>,
     d: Duration,
     idle: usize,
@@ -947,7 +1135,7 @@ async fn run_target(
         }
         let c0 = cpu();
         match bounded(limit, async {
-            test_echo(ex, ws, size, d)
+            test_echo(ex, || ws_open(ws), size, d)
                 .await
                 .map(|(r, p50, p99)| vec![r, p50, p99])
         })
@@ -971,7 +1159,9 @@ async fn run_target(
         if !on("hs") {
             return Err(other("skipped"));
         }
-        test_handshakes(ex, ws, d).await.map(|r| vec![r])
+        test_handshakes(ex, move || ws_open(ws), d)
+            .await
+            .map(|r| vec![r])
     })
     .await
     {
@@ -981,6 +1171,30 @@ async fn run_target(
         }
         Err(e) if e.to_string() == "skipped" => {}
         Err(e) => eprintln!("  handshakes: {e}"),
+    }
+    if let Some((wss, tls)) = wss.as_ref().filter(|_| on("wss64")) {
+        let c0 = cpu();
+        let open = || wss_open(*wss, tls.clone());
+        match bounded(limit, test_echo(ex, open, 64, d)).await {
+            Ok((r, p50, p99)) => {
+                out.values.push(("wss64", r));
+                out.values.push(("wss64_p50", p50));
+                out.values.push(("wss64_p99", p99));
+                out.values.push(("cpu_wss64", cpu() - c0));
+            }
+            Err(e) => eprintln!("  wss64: {e}"),
+        }
+    }
+    if let Some((wss, tls)) = wss.filter(|_| on("wss_hs")) {
+        let c0 = cpu();
+        let open = move || wss_open(wss, tls.clone());
+        match bounded(limit, test_handshakes(ex, open, d)).await {
+            Ok(r) => {
+                out.values.push(("wss_hs", r));
+                out.values.push(("cpu_wss_hs", cpu() - c0));
+            }
+            Err(e) => eprintln!("  wss_hs: {e}"),
+        }
     }
     for (name, cname, conns) in [("tcp1", "cpu_tcp1", 1), ("tcp8", "cpu_tcp8", 8)] {
         if !on(name) {
