@@ -152,8 +152,14 @@ impl Section {
     /// A connect to `backend` succeeded after `took`.
     pub(crate) fn connected(&self, backend: &str, took: Duration) {
         self.connect.observe(took);
+        // Once per connection: no allocation once the backend has its entry.
         let mut l = self.labelled();
-        *l.connects.entry(backend.to_string()).or_default() += 1;
+        match l.connects.get_mut(backend) {
+            Some(n) => *n += 1,
+            None => {
+                l.connects.insert(backend.to_string(), 1);
+            }
+        }
     }
 
     /// A client's TLS handshake on the listener failed for `reason` (see
