@@ -11,13 +11,9 @@
 //!   and key; an encoded PROXY header gives back its addresses; a generated config loads to the
 //!   values written).
 
-use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::pin::Pin;
-use std::task::{Context, Poll};
 
 use futures_lite::future::block_on;
-use futures_lite::AsyncRead;
 use proptest::prelude::*;
 
 use portcullis::config::BackendConfig;
@@ -28,60 +24,13 @@ use portcullis::handshake::{
 use portcullis::proxy_protocol::{self, Parsed, Version};
 use portcullis::Config;
 
+#[path = "common/segments.rs"]
+mod segments;
+use segments::Segments;
+
 // ---------------------------------------------------------------------------------------------
 // Helpers.
 // ---------------------------------------------------------------------------------------------
-
-/// A peer that sends `data` in segments of the given sizes (cycled; a size of 0 is a "not yet"
-/// before the next segment), and counts what was taken from it.
-struct Segments {
-    data: Vec<u8>,
-    at: usize,
-    sizes: Vec<usize>,
-    next: usize,
-}
-
-impl Segments {
-    fn new(data: Vec<u8>, sizes: Vec<usize>) -> Self {
-        // A peer that only ever says "not yet" would never end: at least one read delivers.
-        let sizes = if sizes.iter().all(|&n| n == 0) {
-            vec![1]
-        } else {
-            sizes
-        };
-        Segments {
-            data,
-            at: 0,
-            sizes,
-            next: 0,
-        }
-    }
-
-    /// What is still in the "socket".
-    fn unread(&self) -> &[u8] {
-        &self.data[self.at..]
-    }
-}
-
-impl AsyncRead for Segments {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
-        let size = self.sizes[self.next % self.sizes.len()];
-        self.next += 1;
-        if size == 0 {
-            cx.waker().wake_by_ref();
-            return Poll::Pending;
-        }
-        let n = size.min(buf.len()).min(self.data.len() - self.at);
-        let at = self.at;
-        buf[..n].copy_from_slice(&self.data[at..at + n]);
-        self.at += n;
-        Poll::Ready(Ok(n))
-    }
-}
 
 /// Standard base64 with padding, for generated keys (written here, not taken from the crate, so
 /// the test does not check the proxy against itself).
@@ -388,7 +337,7 @@ proptest! {
         sizes in proptest::collection::vec(0usize..64, 1..8),
         max in 0usize..700,
     ) {
-        let mut peer = Segments::new(stream.clone(), sizes);
+        let mut peer = Segments::new(&stream, sizes);
         let got = block_on(read_head(&mut peer, max));
         prop_assert!(peer.at <= max, "read {} bytes with a cap of {max}", peer.at);
         let end = find(&stream, b"\r\n\r\n").map(|i| i + 4);
@@ -632,7 +581,7 @@ proptest! {
     ) {
         let version = if v2 { Version::V2 } else { Version::V1 };
         let header = proxy_protocol::encode(version, source, destination);
-        let mut peer = Segments::new([header.clone(), after.clone()].concat(), sizes);
+        let mut peer = Segments::new(&[header.clone(), after.clone()].concat(), sizes);
         let (addresses, rest) = block_on(proxy_protocol::read_header(&mut peer)).expect("a valid header");
         prop_assert_eq!(addresses, Some(as_carried(source, destination)));
         let mut stream = rest;
@@ -645,7 +594,7 @@ proptest! {
         bytes in prop_oneof![proptest::collection::vec(any::<u8>(), 0..300), proxyish()],
         sizes in proptest::collection::vec(0usize..64, 1..6),
     ) {
-        let mut peer = Segments::new(bytes.clone(), sizes);
+        let mut peer = Segments::new(&bytes, sizes);
         let got = block_on(proxy_protocol::read_header(&mut peer));
         prop_assert!(peer.at <= proxy_protocol::MAX_HEADER_LEN);
         if let Ok((_, rest)) = got {
