@@ -959,7 +959,11 @@ impl Source<'_> {
                 .push(self.ws_section(&mut seen, s, span, i + 1)?);
         }
         if let (Some(admin), Some(span)) = (&config.admin_listen, admin_span) {
-            if let Some(section) = seen.listens.get(&admin.to_ascii_lowercase()) {
+            if let Some(section) = seen
+                .listens
+                .get(&admin.to_ascii_lowercase())
+                .filter(|_| !admin.ends_with(":0"))
+            {
                 return Err(self.error(
                     span,
                     "admin.listen",
@@ -1449,9 +1453,12 @@ impl Source<'_> {
                 "write it as \"host:port\", e.g. \"0.0.0.0:8080\" or \"[::]:8080\"",
             ));
         }
+        // Port 0 asks the system for a free port, a different one for each listener.
+        let ephemeral = value.ends_with(":0");
         if let Some(first) = seen
             .listens
             .insert(value.to_ascii_lowercase(), name.to_string())
+            .filter(|_| !ephemeral)
         {
             return Err(self.error(
                 listen.span(),

@@ -494,12 +494,14 @@ impl Section {
         }
     }
 
-    /// What identifies a section across reloads: its kind and listen address.
+    /// What identifies a section across reloads: its kind and listen address (and its name
+    /// when the port is 0, which gives every such section a port of its own).
     fn key(&self) -> (bool, String) {
-        (
-            matches!(self, Section::Tcp(_)),
-            self.listen().to_ascii_lowercase(),
-        )
+        let mut key = self.listen().to_ascii_lowercase();
+        if key.ends_with(":0") {
+            key = format!("{key} {}", self.name());
+        }
+        (matches!(self, Section::Tcp(_)), key)
     }
 }
 
