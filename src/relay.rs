@@ -8,8 +8,10 @@
 //!
 //! An idle tunnel holds no buffer: reads go into the executor thread's scratch buffer and are
 //! written straight out of it, and a direction owns a buffer only while its writer is slower than
-//! its reader. With [`Relay::splice`], two plain sockets on Linux are joined with splice(2)
-//! through a pipe that is held only while bytes are in it (see `net::Splicer`).
+//! its reader. With [`Relay::splice`], two plain sockets on Linux are read without the read that
+//! fails with EAGAIN after each message (a short read waits for the reactor instead), and bulk
+//! data is joined with splice(2) through a pipe that is held only while bytes are in it (see
+//! `net::Splicer`).
 
 use std::fmt;
 use std::future::Future;
@@ -105,7 +107,8 @@ struct Direction {
     closed: bool,
     /// Bytes written so far.
     moved: u64,
-    /// Both peers are plain sockets: bulk bytes may go through a pipe with splice(2) instead.
+    /// Both peers are plain sockets: reads wait for the reactor after a short read, and bulk
+    /// bytes may go through a pipe with splice(2) instead.
     #[cfg(target_os = "linux")]
     splice: Option<crate::net::Splicer>,
     /// The direction has moved bulk data, so it splices from then on: set when a copying read
@@ -228,7 +231,14 @@ impl Direction {
                 }
                 let mut scratch = Scratch::take();
                 let buf = scratch.buf();
-                match r.as_mut().poll_read(cx, buf) {
+                #[cfg(target_os = "linux")]
+                let read = match &mut self.splice {
+                    Some(plain) => plain.poll_read(cx, buf),
+                    None => r.as_mut().poll_read(cx, buf),
+                };
+                #[cfg(not(target_os = "linux"))]
+                let read = r.as_mut().poll_read(cx, buf);
+                match read {
                     Poll::Ready(Ok(0)) => self.eof = true,
                     Poll::Ready(Ok(n)) => {
                         // Straight out of the scratch buffer; only what the writer cannot take
@@ -244,7 +254,7 @@ impl Direction {
                         // A full buffer: bulk data, spliced from here on (nothing is held, so
                         // no byte can overtake another).
                         #[cfg(target_os = "linux")]
-                        if n == buf.len() && self.splice.is_some() {
+                        if n == buf.len() && self.splice.is_some() && crate::net::splice_enabled() {
                             self.bulk = true;
                         }
                     }
@@ -335,11 +345,12 @@ where
         self
     }
 
-    /// On Linux, when both peers are plain sockets of [`SmolNet`](crate::SmolNet), moves the
-    /// tunnel's bytes with splice(2) through a pipe, never copying them into user space; the
+    /// On Linux, when both peers are plain sockets of [`SmolNet`](crate::SmolNet), reads each
+    /// socket again only once the reactor says it has bytes (after a read that drained it), and
+    /// moves bulk bytes with splice(2) through a pipe, never copying them into user space; the
     /// semantics (half-close, counts, progress, which side failed) stay the same. Any other
-    /// stream (the simulator's, a test's, a TLS stream) keeps the copying relay, and so does
-    /// everything with `PORTCULLIS_SPLICE=0` in the environment.
+    /// stream (the simulator's, a test's, a TLS stream) keeps the plain copying relay.
+    /// `PORTCULLIS_SPLICE=0` in the environment turns splice(2) off.
     pub fn splice(mut self) -> Self
     where
         C: Sized + 'static,
@@ -647,6 +658,53 @@ mod tests {
             assert_eq!(&to_backend[..5], b"early");
             assert!(to_backend[5..] == up[..], "bytes arrive once and in order");
             assert_eq!(to_client, b"101 answer");
+        });
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn plain_sockets_relay_small_messages_in_lock_step_without_a_missed_wakeup() {
+        // After a short read the relay waits for the reactor rather than reading again; a lost
+        // readiness event would stall this lock-step exchange, which the timeout turns into a
+        // failure.
+        use futures_lite::{AsyncReadExt, AsyncWriteExt};
+        smol::block_on(async {
+            let pair = || async {
+                let l = async_net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let outside = async_net::TcpStream::connect(l.local_addr().unwrap());
+                let (outside, inside) = futures_lite::future::zip(outside, l.accept()).await;
+                (outside.unwrap(), inside.unwrap().0)
+            };
+            let (mut client_peer, mut client) = pair().await;
+            let (mut backend_peer, mut backend) = pair().await;
+            let relay = Relay::new(&mut client, &mut backend).splice();
+            let exchange = async {
+                let mut sent = 0u64;
+                for i in 0..2_000usize {
+                    // Lock step: one message each way, so every read drains its socket.
+                    let msg: Vec<u8> = (0..1 + i % 200).map(|b| (b + i) as u8).collect();
+                    client_peer.write_all(&msg).await.unwrap();
+                    let mut got = vec![0; msg.len()];
+                    backend_peer.read_exact(&mut got).await.unwrap();
+                    assert_eq!(got, msg);
+                    backend_peer.write_all(&got).await.unwrap();
+                    client_peer.read_exact(&mut got).await.unwrap();
+                    assert_eq!(got, msg);
+                    sent += msg.len() as u64;
+                }
+                client_peer.close().await.unwrap();
+                backend_peer.close().await.unwrap();
+                sent
+            };
+            let timeout = async {
+                smol::Timer::after(std::time::Duration::from_secs(20)).await;
+                panic!("the exchange stalled: a readiness event was missed");
+            };
+            let (report, sent) =
+                futures_lite::future::zip(relay, futures_lite::future::or(exchange, timeout)).await;
+            assert!(report.result.is_ok(), "{report:?}");
+            assert_eq!(report.client_to_backend, sent);
+            assert_eq!(report.backend_to_client, sent);
         });
     }
 }
