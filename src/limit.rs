@@ -346,11 +346,70 @@ pub(crate) async fn watchdog<N: crate::net::Net>(
     futures_lite::future::or(idle, age).await
 }
 
+/// An open tunnel: all a connection's task keeps once its handshake is done. The flows build
+/// it in a boxed future that is freed when the tunnel opens, so a long-lived tunnel costs this
+/// and its relay, not the handshake's state as well.
+pub(crate) struct Tunnel<S> {
+    pub(crate) client: crate::tls::Stream<S>,
+    pub(crate) upstream: crate::tls::Stream<S>,
+    /// Bytes read ahead that belong to the tunnel, written before anything else.
+    pub(crate) to_backend: Vec<u8>,
+    pub(crate) to_client: Vec<u8>,
+    /// The access line, written when the tunnel ends.
+    pub(crate) log: crate::log::Access,
+    pub(crate) started: Instant,
+    pub(crate) max_age: Option<Duration>,
+    /// Held until the tunnel ends: its place under the limits, its backend lease (for
+    /// least-connections), its count in the metrics.
+    pub(crate) ticket: Ticket,
+    pub(crate) lease: crate::balancer::Lease,
+    pub(crate) open: crate::metrics::Open,
+}
+
+impl<S> Tunnel<S>
+where
+    S: futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin + Send + 'static,
+{
+    /// Relays until both sides are done, a limit cuts the tunnel, or the drain deadline
+    /// passes; then writes the access line and counts the ending.
+    pub(crate) async fn run<N: crate::net::Net<Stream = S>>(
+        &mut self,
+        net: &N,
+        admission: &Admission,
+        metrics: &crate::metrics::Section,
+    ) {
+        let max_age = self.max_age;
+        let (up, down) = (&mut self.to_backend, &mut self.to_client);
+        let (report, cut) = match (&mut self.client, &mut self.upstream) {
+            (crate::tls::Stream::Plain(client), crate::tls::Stream::Plain(upstream)) => {
+                let mut relay = crate::relay::Relay::new(client, upstream)
+                    .pending(std::mem::take(up), std::mem::take(down))
+                    .splice();
+                run_tunnel(net, &mut relay, admission, max_age).await
+            }
+            // TLS on either side: the copying relay, over the TLS streams.
+            #[cfg(feature = "tls")]
+            (client, upstream) => {
+                let mut relay = crate::relay::Relay::new(client, upstream)
+                    .pending(std::mem::take(up), std::mem::take(down));
+                run_tunnel(net, &mut relay, admission, max_age).await
+            }
+        };
+        let log = &mut self.log;
+        log.up += report.client_to_backend;
+        log.down += report.backend_to_client;
+        log.end = cut.map_or_else(|| crate::tcp::ending(&report), str::to_string);
+        log.duration_ms = net.now().duration_since(self.started).as_millis() as u64;
+        log.closed(metrics);
+        let _ = (&self.ticket, &self.lease, &self.open);
+    }
+}
+
 /// Runs `relay` under the section's idle timeout and `max_age`, until the drain deadline at
 /// most; returns what it did and, when a limit or the deadline ended it, which.
 pub(crate) async fn run_tunnel<N, C, B>(
     net: &N,
-    relay: crate::relay::Relay<'_, C, B>,
+    relay: &mut crate::relay::Relay<'_, C, B>,
     admission: &Admission,
     max_age: Option<Duration>,
 ) -> (crate::relay::Report, Option<&'static str>)
@@ -359,40 +418,38 @@ where
     C: futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin + ?Sized,
     B: futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin + ?Sized,
 {
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::task::Poll;
     let idle = admission.limits.idle_timeout_ms.map(Duration::from_millis);
     let deadline = admission.global.as_ref().and_then(|g| g.deadline.as_ref());
     // The relay publishes its progress only when something watches it; by default a quiet
-    // tunnel is a healthy one, and only the drain deadline can end it.
+    // tunnel is a healthy one, and only the drain deadline can end it. The watchdog's timers
+    // live in a box of their own, so a tunnel without limits does not carry their room.
     let progress = (idle.is_some() || max_age.is_some()).then(|| Arc::new(AtomicU64::new(0)));
-    let mut relay = match &progress {
-        Some(p) => relay.progress(p.clone()),
-        None => relay,
-    };
-    let cut = async {
-        let drain = async {
-            match deadline {
-                Some(d) => {
-                    let _ = d.recv().await;
-                    DRAIN
-                }
-                None => futures_lite::future::pending().await,
-            }
-        };
-        match &progress {
-            Some(p) => futures_lite::future::or(watchdog(net, p, idle, max_age), drain).await,
-            None => drain.await,
-        }
-    };
-    let mut cut = std::pin::pin!(cut);
-    // One relay, polled in place, and whatever may cut it: the task holds the relay once.
-    use std::future::Future;
+    if let Some(p) = &progress {
+        relay.set_progress(p.clone());
+    }
+    let mut watch = progress
+        .as_ref()
+        .map(|p| Box::pin(watchdog(net, p, idle, max_age)));
+    let mut drain = std::pin::pin!(deadline.map(|d| d.recv()));
+    // One relay, polled in place, and whatever may cut it.
     std::future::poll_fn(|cx| {
-        if let std::task::Poll::Ready(report) = std::pin::Pin::new(&mut relay).poll(cx) {
-            return std::task::Poll::Ready((report, None));
+        if let Poll::Ready(report) = Pin::new(&mut *relay).poll(cx) {
+            return Poll::Ready((report, None));
         }
-        cut.as_mut()
-            .poll(cx)
-            .map(|why| (relay.report_so_far(Ok(())), Some(why)))
+        let mut why = None;
+        if let Some(Poll::Ready(w)) = watch.as_mut().map(|w| w.as_mut().poll(cx)) {
+            why = Some(w);
+        }
+        if let Some(Poll::Ready(_)) = drain.as_mut().as_pin_mut().map(|d| d.poll(cx)) {
+            why = Some(DRAIN);
+        }
+        match why {
+            Some(why) => Poll::Ready((relay.report_so_far(Ok(())), Some(why))),
+            None => Poll::Pending,
+        }
     })
     .await
 }

@@ -76,8 +76,8 @@ pub(crate) fn configure(json: bool, log_open: bool) {
 pub(crate) struct Access {
     /// `tcp` or `ws`.
     pub kind: &'static str,
-    /// The section's name.
-    pub section: String,
+    /// The section's name (shared with the section, not copied per connection).
+    pub section: std::sync::Arc<str>,
     /// The WebSocket route's path prefix.
     pub route: Option<String>,
     /// The client, as its PROXY header says when there is one.
@@ -92,8 +92,8 @@ pub(crate) struct Access {
     pub up: u64,
     pub down: u64,
     /// Time to a connected (and, for WebSocket, upgraded) backend.
-    pub connect_ms: Option<u128>,
-    pub duration_ms: u128,
+    pub connect_ms: Option<u64>,
+    pub duration_ms: u64,
     /// How it ended: `client closed`, `backend closed`, `idle timeout`, `refused: …`, ….
     pub end: String,
 }
@@ -117,7 +117,7 @@ impl Access {
         let mut fields: Vec<(&str, String, bool)> = vec![
             ("event", event.to_string(), true),
             ("kind", self.kind.to_string(), true),
-            ("section", self.section.clone(), true),
+            ("section", self.section.to_string(), true),
         ];
         let mut opt = |name, value: Option<String>, quoted| {
             if let Some(v) = value {

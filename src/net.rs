@@ -159,11 +159,44 @@ fn listen(addr: &str, reuse_port: bool) -> io::Result<SmolListener> {
             Ok::<_, io::Error>(std::net::TcpListener::from(fd))
         })();
         match bound {
-            Ok(listener) => return async_net::TcpListener::try_from(listener).map(SmolListener),
+            Ok(listener) => {
+                return async_net::TcpListener::try_from(listener).map(SmolListener::new)
+            }
             Err(e) => last = e,
         }
     }
     Err(last)
+}
+
+/// Connects a non-blocking socket to `sa` and waits until it is connected.
+///
+/// `Async::connect` does the same but waits with a future that leaves a waker list allocated
+/// in the socket's reactor entry for the connection's whole life (~170 bytes per tunnel); the
+/// reactor's single waker slot, as every later read and write uses, is enough here.
+async fn connect(sa: SocketAddr) -> io::Result<smol::Async<std::net::TcpStream>> {
+    #[cfg(unix)]
+    let stream = {
+        use rustix::net::{AddressFamily, SocketFlags, SocketType};
+        let family = match sa {
+            SocketAddr::V4(_) => AddressFamily::INET,
+            SocketAddr::V6(_) => AddressFamily::INET6,
+        };
+        let flags = SocketFlags::CLOEXEC | SocketFlags::NONBLOCK;
+        let fd = rustix::net::socket_with(family, SocketType::STREAM, flags, None)?;
+        match rustix::net::connect(&fd, &sa) {
+            Ok(()) | Err(rustix::io::Errno::INPROGRESS) => {}
+            Err(e) => return Err(e.into()),
+        }
+        smol::Async::new_nonblocking(std::net::TcpStream::from(fd))?
+    };
+    #[cfg(not(unix))]
+    let stream = return smol::Async::<std::net::TcpStream>::connect(sa).await;
+    // Writable once connected, or once the connect failed: SO_ERROR tells which.
+    std::future::poll_fn(|cx| stream.poll_writable(cx)).await?;
+    match stream.get_ref().take_error()? {
+        None => Ok(stream),
+        Some(e) => Err(e),
+    }
 }
 
 impl fmt::Debug for SmolNet {
@@ -176,18 +209,18 @@ impl fmt::Debug for SmolNet {
 /// accepted stream, because a proxy that holds back small writes adds a round trip to every
 /// message (Nagle's algorithm against delayed ACKs).
 #[derive(Debug)]
-pub struct SmolListener(async_net::TcpListener);
+pub struct SmolListener(Arc<smol::Async<std::net::TcpListener>>);
 
 impl SmolListener {
     /// Wraps an already-bound listener, e.g. one bound to port 0 by a test.
     pub fn new(listener: async_net::TcpListener) -> Self {
-        SmolListener(listener)
+        SmolListener(listener.into())
     }
 }
 
 impl From<async_net::TcpListener> for SmolListener {
     fn from(listener: async_net::TcpListener) -> Self {
-        SmolListener(listener)
+        SmolListener::new(listener)
     }
 }
 
@@ -195,15 +228,42 @@ impl Listener for SmolListener {
     // async_net's stream: its poll_close shuts down the write half (a FIN), which half-close needs.
     type Stream = async_net::TcpStream;
 
+    #[cfg(unix)]
     async fn accept(&self) -> io::Result<(Self::Stream, SocketAddr)> {
-        let (stream, peer) = self.0.accept().await?;
+        // accept4 with SOCK_NONBLOCK: the socket needs no ioctl afterwards to be made
+        // non-blocking, as async_net's accept does (one system call less per connection).
+        use rustix::net::SocketFlags;
+        let flags = SocketFlags::NONBLOCK | SocketFlags::CLOEXEC;
+        let (fd, peer) = loop {
+            match rustix::net::acceptfrom_with(self.0.get_ref(), flags) {
+                Ok((fd, Some(peer))) => match SocketAddr::try_from(peer) {
+                    Ok(peer) => break (fd, peer),
+                    // Not an IP peer on a TCP listener: not one to serve.
+                    Err(_) => continue,
+                },
+                Ok((_, None)) => continue,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(rustix::io::Errno::AGAIN) => {
+                    std::future::poll_fn(|cx| self.0.poll_readable(cx)).await?
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let stream = std::net::TcpStream::from(fd);
         // Failing to set the option only costs latency; the connection is still good.
         let _ = stream.set_nodelay(true);
-        Ok((stream, peer))
+        Ok((smol::Async::new_nonblocking(stream)?.into(), peer))
+    }
+
+    #[cfg(not(unix))]
+    async fn accept(&self) -> io::Result<(Self::Stream, SocketAddr)> {
+        let (stream, peer) = self.0.read_with(|l| l.accept()).await?;
+        let _ = stream.set_nodelay(true);
+        Ok((stream.try_into()?, peer))
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.0.local_addr()
+        self.0.get_ref().local_addr()
     }
 }
 
@@ -219,9 +279,19 @@ impl Net for SmolNet {
     }
 
     async fn connect(&self, addr: &str) -> io::Result<async_net::TcpStream> {
-        let stream = async_net::TcpStream::connect(addr).await?;
-        let _ = stream.set_nodelay(true);
-        Ok(stream)
+        let mut last = None;
+        for sa in async_net::resolve(addr).await? {
+            match connect(sa).await {
+                Ok(stream) => {
+                    let _ = stream.get_ref().set_nodelay(true);
+                    return Ok(stream.into());
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, "the address resolves to nothing")
+        }))
     }
 
     async fn sleep(&self, d: Duration) {

@@ -367,8 +367,13 @@ where
     /// Publishes the bytes moved so far (both ways together) to `progress` after every poll,
     /// so an idle timeout can tell a quiet tunnel from a busy one without a timer in here.
     pub fn progress(mut self, progress: std::sync::Arc<std::sync::atomic::AtomicU64>) -> Self {
-        self.progress = Some(progress);
+        self.set_progress(progress);
         self
+    }
+
+    /// [`Relay::progress`] on a relay already in place.
+    pub(crate) fn set_progress(&mut self, progress: std::sync::Arc<std::sync::atomic::AtomicU64>) {
+        self.progress = Some(progress);
     }
 
     /// What the relay has done so far, for a caller that ends it early (a timeout).

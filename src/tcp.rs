@@ -18,7 +18,7 @@ use crate::net;
 use crate::net::Net;
 use crate::policy;
 use crate::proxy_protocol;
-use crate::relay::{Relay, Report};
+use crate::relay::Report;
 use crate::server;
 use crate::tls;
 use crate::Error;
@@ -208,7 +208,7 @@ impl TcpProxy {
 
 /// What every connection of one TCP proxy shares.
 pub(crate) struct Flow {
-    pub(crate) name: String,
+    pub(crate) name: std::sync::Arc<str>,
     admission: limit::Admission,
     /// Dropped to stop this flow's health checks and resolver (on shutdown, or when a reload
     /// replaces the flow).
@@ -291,7 +291,7 @@ impl Flow {
             admission: limit::Admission::new(&s.name, s.limits, global, net.now()),
             retry: Retry::from_config(&s.balancing, s.connect_timeout_ms),
             pool,
-            name: s.name,
+            name: s.name.into(),
             stop: std::sync::Mutex::new(Some(stop)),
             proxy_protocol: s.send_proxy_protocol,
             listen_addr,
@@ -362,14 +362,35 @@ impl Flow {
         }
     }
 
-    pub(crate) async fn handle<N: Net>(
+    /// Serves one connection: PROXY header, limits, TLS and the backend connect, in a box that
+    /// is freed when the tunnel opens, then the tunnel, so a connection's task is sized for
+    /// the tunnel alone.
+    pub(crate) fn handle<N: Net>(
+        self: Arc<Self>,
+        net: N,
+        client: N::Stream,
+        peer: SocketAddr,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        // The tunnel comes back boxed too: the task then holds a pointer to it rather than a
+        // copy of it next to the one the handshake's result occupied.
+        let opening = Box::pin(self.clone().connect(net.clone(), client, peer));
+        async move {
+            if let Some(mut tunnel) = opening.await {
+                tunnel.run(&net, &self.admission, &self.metrics).await;
+            }
+        }
+    }
+
+    /// Everything before the tunnel; `None` when the connection ended here (refused, or no
+    /// backend could be reached: its access line written).
+    async fn connect<N: Net>(
         self: Arc<Self>,
         net: N,
         mut client: N::Stream,
         peer: SocketAddr,
-    ) {
+    ) -> Option<Box<limit::Tunnel<N::Stream>>> {
         let started = net.now();
-        let _open = self.metrics.open();
+        let open = self.metrics.open();
         // Behind a load balancer, the client is who its PROXY header says.
         let (peer, early) = match &self.admission.limits().accept_proxy_protocol {
             None => (peer, Vec::new()),
@@ -380,27 +401,25 @@ impl Flow {
                     Err(why) => {
                         warn!("tcp name={} closed: {why}", self.name);
                         self.metrics.refused_proxy_header();
-                        return;
+                        return None;
                     }
                 }
             }
         };
         // Over a limit: closed at once (TCP has no way to say why); the refusal is logged,
         // at most once a second.
-        let _ticket = match self.admission.admit(peer.ip(), started) {
+        let ticket = match self.admission.admit(peer.ip(), started) {
             Ok(ticket) => ticket,
             Err(why) => {
                 self.metrics.refused(why);
-                return;
+                return None;
             }
         };
         let local = net.local_addr(&client).ok();
         // Boxed, as the connect below: the TLS handshake's and the connect's state (several
         // KiB with TLS) is freed when the tunnel opens, rather than kept for its whole life.
         let opened = Box::pin(self.open(&net, client, early, peer)).await;
-        let Some((mut client, early, server_name)) = opened else {
-            return;
-        };
+        let (client, early, server_name) = opened?;
         let pool = server_name
             .as_deref()
             .and_then(|n| self.sni.iter().find(|(p, _)| tls::name_matches(p, n)))
@@ -465,8 +484,8 @@ impl Flow {
             client: Some(peer),
             ..Access::default()
         };
-        let Some((mut upstream, lease)) = connected else {
-            access.duration_ms = net.now().duration_since(started).as_millis();
+        let Some((upstream, lease)) = connected else {
+            access.duration_ms = net.now().duration_since(started).as_millis() as u64;
             access.end = if exhausted {
                 "refused: out of file descriptors"
             } else if attempts.leased() == 0 {
@@ -476,31 +495,23 @@ impl Flow {
             }
             .to_string();
             access.closed(&self.metrics);
-            return;
+            return None;
         };
         access.backend = Some(lease.backend().to_string());
-        access.connect_ms = Some(net.now().duration_since(started).as_millis());
+        access.connect_ms = Some(net.now().duration_since(started).as_millis() as u64);
         access.opened();
-        let max_age = self.admission.max_age(u64::from(peer.port()));
-        let (report, cut) = match (&mut client, &mut upstream) {
-            (tls::Stream::Plain(client), tls::Stream::Plain(upstream)) => {
-                let relay = Relay::new(client, upstream)
-                    .pending(early, Vec::new())
-                    .splice();
-                limit::run_tunnel(&net, relay, &self.admission, max_age).await
-            }
-            // TLS on either side: the copying relay, over the TLS streams.
-            #[cfg(feature = "tls")]
-            (client, upstream) => {
-                let relay = Relay::new(client, upstream).pending(early, Vec::new());
-                limit::run_tunnel(&net, relay, &self.admission, max_age).await
-            }
-        };
-        access.duration_ms = net.now().duration_since(started).as_millis();
-        access.up = report.client_to_backend;
-        access.down = report.backend_to_client;
-        access.end = cut.map_or_else(|| ending(&report), str::to_string);
-        access.closed(&self.metrics);
+        Some(Box::new(limit::Tunnel {
+            client,
+            upstream,
+            to_backend: early,
+            to_client: Vec::new(),
+            log: access,
+            started,
+            max_age: self.admission.max_age(u64::from(peer.port())),
+            ticket,
+            lease,
+            open,
+        }))
     }
 }
 

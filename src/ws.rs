@@ -24,10 +24,9 @@ use crate::metrics;
 use crate::net::{self, Net};
 use crate::policy;
 use crate::proxy_protocol;
-use crate::relay::Relay;
 use crate::route;
 use crate::server;
-use crate::tcp::{client_ip_key, ending, DEFAULT_CONNECT_TIMEOUT_MS, DEFAULT_DRAIN_TIMEOUT_MS};
+use crate::tcp::{client_ip_key, DEFAULT_CONNECT_TIMEOUT_MS, DEFAULT_DRAIN_TIMEOUT_MS};
 use crate::tls;
 use crate::Error;
 
@@ -221,7 +220,7 @@ impl WsProxy {
 
 /// What every connection of one WebSocket proxy shares.
 pub(crate) struct Flow {
-    pub(crate) name: String,
+    pub(crate) name: std::sync::Arc<str>,
     admission: limit::Admission,
     /// Dropped to stop this flow's health checks and resolvers (on shutdown, or when a reload
     /// replaces the flow).
@@ -333,7 +332,7 @@ impl Flow {
                 std::time::Instant::now(),
             ),
             metrics: metrics::section("ws", &s.name),
-            name: s.name,
+            name: s.name.into(),
             stop: std::sync::Mutex::new(None),
             listen_addr: None,
             read_timeout: Duration::from_millis(s.read_timeout_ms),
@@ -344,14 +343,34 @@ impl Flow {
         })
     }
 
-    pub(crate) async fn handle<N: Net>(
+    /// Serves one connection: the handshake, in a box that is freed when the tunnel opens, then
+    /// the tunnel, so a connection's task is sized for the tunnel and not for the handshake.
+    pub(crate) fn handle<N: Net>(
+        self: Arc<Self>,
+        net: N,
+        client: N::Stream,
+        peer: SocketAddr,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        // The tunnel comes back boxed too: the task then holds a pointer to it rather than a
+        // copy of it next to the one the handshake's result occupied.
+        let opening = Box::pin(self.clone().open(net.clone(), client, peer));
+        async move {
+            if let Some(mut tunnel) = opening.await {
+                tunnel.run(&net, &self.admission, &self.metrics).await;
+            }
+        }
+    }
+
+    /// Everything before the tunnel: PROXY header, TLS, limits, the upgrade with its answer.
+    /// `None` when the connection ended here (its access line written).
+    async fn open<N: Net>(
         self: Arc<Self>,
         net: N,
         mut client: N::Stream,
         peer: SocketAddr,
-    ) {
+    ) -> Option<Box<limit::Tunnel<N::Stream>>> {
         let started = net.now();
-        let _open = self.metrics.open();
+        let open = self.metrics.open();
         let mut log = Access {
             kind: "ws",
             section: self.name.clone(),
@@ -368,7 +387,7 @@ impl Flow {
                     Err(why) => {
                         warn!("ws name={} closed: {why}", self.name);
                         self.metrics.refused_proxy_header();
-                        return;
+                        return None;
                     }
                 }
             }
@@ -392,9 +411,9 @@ impl Flow {
                         Box::pin(self.answer(&net, &mut plain, &bytes)).await;
                         log.status = Some(400);
                         log.end = "refused: plain HTTP to a TLS listener".into();
-                        log.duration_ms = net.now().duration_since(started).as_millis();
+                        log.duration_ms = net.now().duration_since(started).as_millis() as u64;
                         log.closed(&self.metrics);
-                        return;
+                        return None;
                     }
                     Err(e) => {
                         let reason = tls::failure_reason(&e);
@@ -404,9 +423,9 @@ impl Flow {
                         );
                         self.metrics.tls_handshake_failed(reason);
                         log.end = format!("client TLS handshake failed: {reason}");
-                        log.duration_ms = net.now().duration_since(started).as_millis();
+                        log.duration_ms = net.now().duration_since(started).as_millis() as u64;
                         log.closed(&self.metrics);
-                        return;
+                        return None;
                     }
                 }
             }
@@ -430,27 +449,24 @@ impl Flow {
                 .handshake(status, net.now().duration_since(started));
         }
         match outcome {
-            Ok((mut upstream, to_client, _lease)) => {
-                log.connect_ms = Some(net.now().duration_since(started).as_millis());
+            Ok((upstream, to_client, lease)) => {
+                log.connect_ms = Some(net.now().duration_since(started).as_millis() as u64);
                 log.opened();
-                let max_age = self.admission.max_age(u64::from(peer.port()));
-                let (report, cut) = match (&mut client, &mut upstream) {
-                    (tls::Stream::Plain(client), tls::Stream::Plain(upstream)) => {
-                        let relay = Relay::new(client, upstream)
-                            .pending(Vec::new(), to_client)
-                            .splice();
-                        limit::run_tunnel(&net, relay, &self.admission, max_age).await
-                    }
-                    // TLS on either side: the copying relay, over the TLS streams.
-                    #[cfg(feature = "tls")]
-                    (client, upstream) => {
-                        let relay = Relay::new(client, upstream).pending(Vec::new(), to_client);
-                        limit::run_tunnel(&net, relay, &self.admission, max_age).await
-                    }
+                let Ok(ticket) = admitted else {
+                    unreachable!("an upgrade only happens when admitted")
                 };
-                log.up += report.client_to_backend;
-                log.down = report.backend_to_client;
-                log.end = cut.map_or_else(|| ending(&report), str::to_string);
+                return Some(Box::new(limit::Tunnel {
+                    client,
+                    upstream,
+                    to_backend: Vec::new(),
+                    to_client,
+                    log,
+                    started,
+                    max_age: self.admission.max_age(u64::from(peer.port())),
+                    ticket,
+                    lease,
+                    open,
+                }));
             }
             Err(Ended::Refused(refusal)) => {
                 log.status = Some(refusal.status());
@@ -464,12 +480,11 @@ impl Flow {
             }
             Err(Ended::Quietly(why)) => log.end = why,
         }
-        log.duration_ms = net.now().duration_since(started).as_millis();
+        log.duration_ms = net.now().duration_since(started).as_millis() as u64;
         log.closed(&self.metrics);
+        None
     }
 
-    /// Sends a response the client gets instead of a tunnel, then closes. A client that never
-    /// reads must not hold the task, so the write is bounded by the read timeout too.
     async fn answer<S: futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin>(
         &self,
         net: &impl Net,
