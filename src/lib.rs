@@ -58,7 +58,7 @@ pub mod ws;
 pub use balancer::{Backend, Pool};
 pub use config::Config;
 pub use error::Error;
-pub use net::{Listener, Net, SmolListener, SmolNet};
+pub use net::{Listener, Net, SmolListener, SmolNet, SmolStream};
 pub use relay::{Relay, Report, Side};
 pub use server::{run, run_reloading, run_until};
 pub use tcp::TcpProxy;

@@ -168,6 +168,74 @@ fn listen(addr: &str, reuse_port: bool) -> io::Result<SmolListener> {
     Err(last)
 }
 
+/// A TCP stream of [`SmolNet`]: the socket's reactor entry and nothing else.
+///
+/// `async_net::TcpStream` carries two futures inline (120 bytes, held twice by every tunnel)
+/// and its reads wait with a future that leaves a waker list in the socket's reactor entry;
+/// this stream is one pointer and waits in the entry's single waker slot. Like async_net's,
+/// closing it shuts down the write half (a FIN), which half-closes need.
+#[derive(Debug, Clone)]
+pub struct SmolStream(Arc<smol::Async<std::net::TcpStream>>);
+
+impl SmolStream {
+    fn new(socket: smol::Async<std::net::TcpStream>) -> Self {
+        SmolStream(Arc::new(socket))
+    }
+
+    /// The socket.
+    pub fn get_ref(&self) -> &std::net::TcpStream {
+        self.0.get_ref()
+    }
+}
+
+impl From<SmolStream> for Arc<smol::Async<std::net::TcpStream>> {
+    fn from(stream: SmolStream) -> Self {
+        stream.0
+    }
+}
+
+impl futures_lite::AsyncRead for SmolStream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut [u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut &*self.0).poll_read(cx, buf)
+    }
+}
+
+impl futures_lite::AsyncWrite for SmolStream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut &*self.0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut &*self.0).poll_write_vectored(cx, bufs)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_close(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::task::Poll::Ready(self.0.get_ref().shutdown(std::net::Shutdown::Write))
+    }
+}
+
 /// Connects a non-blocking socket to `sa` and waits until it is connected.
 ///
 /// `Async::connect` does the same but waits with a future that leaves a waker list allocated
@@ -225,8 +293,7 @@ impl From<async_net::TcpListener> for SmolListener {
 }
 
 impl Listener for SmolListener {
-    // async_net's stream: its poll_close shuts down the write half (a FIN), which half-close needs.
-    type Stream = async_net::TcpStream;
+    type Stream = SmolStream;
 
     #[cfg(unix)]
     async fn accept(&self) -> io::Result<(Self::Stream, SocketAddr)> {
@@ -252,14 +319,14 @@ impl Listener for SmolListener {
         let stream = std::net::TcpStream::from(fd);
         // Failing to set the option only costs latency; the connection is still good.
         let _ = stream.set_nodelay(true);
-        Ok((smol::Async::new_nonblocking(stream)?.into(), peer))
+        Ok((SmolStream::new(smol::Async::new_nonblocking(stream)?), peer))
     }
 
     #[cfg(not(unix))]
     async fn accept(&self) -> io::Result<(Self::Stream, SocketAddr)> {
         let (stream, peer) = self.0.read_with(|l| l.accept()).await?;
         let _ = stream.set_nodelay(true);
-        Ok((stream.try_into()?, peer))
+        Ok((SmolStream::new(smol::Async::new(stream)?), peer))
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -268,7 +335,7 @@ impl Listener for SmolListener {
 }
 
 impl Net for SmolNet {
-    type Stream = async_net::TcpStream;
+    type Stream = SmolStream;
     type Listener = SmolListener;
 
     async fn bind(&self, addr: &str) -> io::Result<SmolListener> {
@@ -278,13 +345,13 @@ impl Net for SmolNet {
         async_net::TcpListener::bind(addr).await.map(SmolListener)
     }
 
-    async fn connect(&self, addr: &str) -> io::Result<async_net::TcpStream> {
+    async fn connect(&self, addr: &str) -> io::Result<SmolStream> {
         let mut last = None;
         for sa in async_net::resolve(addr).await? {
             match connect(sa).await {
                 Ok(stream) => {
                     let _ = stream.get_ref().set_nodelay(true);
-                    return Ok(stream.into());
+                    return Ok(SmolStream::new(stream));
                 }
                 Err(e) => last = Some(e),
             }
@@ -306,8 +373,8 @@ impl Net for SmolNet {
         self.executor.spawn(f).detach();
     }
 
-    fn local_addr(&self, stream: &async_net::TcpStream) -> io::Result<SocketAddr> {
-        stream.local_addr()
+    fn local_addr(&self, stream: &SmolStream) -> io::Result<SocketAddr> {
+        stream.0.get_ref().local_addr()
     }
 
     async fn resolve(&self, addr: &str) -> io::Result<Vec<SocketAddr>> {
@@ -324,8 +391,12 @@ pub(crate) fn splicers<C: std::any::Any, B: std::any::Any>(
     backend: &B,
 ) -> Option<(Splicer, Splicer)> {
     let socket = |s: &dyn std::any::Any| {
-        s.downcast_ref::<async_net::TcpStream>()
-            .map(|s| Arc::<smol::Async<std::net::TcpStream>>::from(s.clone()))
+        s.downcast_ref::<SmolStream>()
+            .map(|s| s.0.clone())
+            .or_else(|| {
+                s.downcast_ref::<async_net::TcpStream>()
+                    .map(|s| Arc::<smol::Async<std::net::TcpStream>>::from(s.clone()))
+            })
     };
     let (c, b) = (socket(client)?, socket(backend)?);
     Some((Splicer::new(c.clone(), b.clone()), Splicer::new(b, c)))
