@@ -572,6 +572,14 @@ mod splice {
                         Err(e) => return Poll::Ready(Err(SpliceError::Write(e.into()))),
                     }
                 } else {
+                    // As in `poll_read`: after a short splice, the reactor first.
+                    if !self.readable {
+                        match self.src.poll_readable(cx) {
+                            Poll::Ready(Ok(())) => self.readable = true,
+                            Poll::Ready(Err(e)) => return Poll::Ready(Err(SpliceError::Read(e))),
+                            Poll::Pending => return Poll::Pending,
+                        }
+                    }
                     let pipe = match self.pipe.take() {
                         Some(p) => p,
                         // Out of descriptors (or pipes): the caller copies instead.
@@ -588,18 +596,13 @@ mod splice {
                         Ok(n) => {
                             self.in_pipe = n;
                             self.pipe = Some(pipe);
+                            self.readable = n == CHUNK;
                         }
                         Err(Errno::INTR) => self.pipe = Some(pipe),
                         Err(Errno::AGAIN) => {
                             // Nothing to read: the empty pipe goes back while the tunnel waits.
                             give_pipe(pipe);
-                            match self.src.poll_readable(cx) {
-                                Poll::Ready(Ok(())) => {}
-                                Poll::Ready(Err(e)) => {
-                                    return Poll::Ready(Err(SpliceError::Read(e)))
-                                }
-                                Poll::Pending => return Poll::Pending,
-                            }
+                            self.readable = false;
                         }
                         Err(e) => {
                             give_pipe(pipe);
