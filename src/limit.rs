@@ -129,6 +129,8 @@ pub struct Global {
     open: AtomicUsize,
     /// Closed when the drain deadline passes: tunnels still open end, and log how.
     deadline: Option<async_channel::Receiver<()>>,
+    /// Closed when the drain starts: connections that have sent nothing yet are closed.
+    draining: Option<async_channel::Receiver<()>>,
 }
 
 impl Global {
@@ -138,20 +140,83 @@ impl Global {
             max,
             open: AtomicUsize::new(0),
             deadline: None,
+            draining: None,
         })
     }
 
-    /// As [`Global::new`], with tunnels ended (and logged) when `deadline` closes.
+    /// As [`Global::new`], with tunnels ended (and logged) when `deadline` closes, and
+    /// connections that have sent nothing yet closed when `draining` does.
     pub(crate) fn with_deadline(
         max: Option<usize>,
         deadline: async_channel::Receiver<()>,
+        draining: async_channel::Receiver<()>,
     ) -> Arc<Global> {
         Arc::new(Global {
             max,
             open: AtomicUsize::new(0),
             deadline: Some(deadline),
+            draining: Some(draining),
         })
     }
+}
+
+/// A reader that, until it has returned its first byte, also fails (with [`Draining`]) as soon
+/// as the drain starts: a client connected but silent is closed then, not waited for.
+pub(crate) struct UntilDraining<'a, R> {
+    inner: R,
+    draining: Option<std::pin::Pin<Box<async_channel::Recv<'a, ()>>>>,
+}
+
+impl<'a, R> UntilDraining<'a, R> {
+    /// `inner`, cut at the drain's start if `admission`'s process has a drain to watch and
+    /// `idle` (nothing received yet).
+    pub(crate) fn new(inner: R, admission: &'a Admission, idle: bool) -> Self {
+        let draining = admission
+            .global
+            .as_ref()
+            .and_then(|g| g.draining.as_ref())
+            .filter(|_| idle)
+            .map(|d| Box::pin(d.recv()));
+        UntilDraining { inner, draining }
+    }
+}
+
+impl<R: futures_lite::AsyncRead + Unpin> futures_lite::AsyncRead for UntilDraining<'_, R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut [u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        use std::future::Future;
+        use std::task::Poll;
+        let this = &mut *self;
+        let read = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+        if read.is_ready() {
+            this.draining = None;
+        } else if let Some(draining) = &mut this.draining {
+            if draining.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(std::io::Error::other(Draining)));
+            }
+        }
+        read
+    }
+}
+
+/// The error [`UntilDraining`] fails with.
+#[derive(Debug)]
+pub(crate) struct Draining;
+
+impl std::fmt::Display for Draining {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("closed at shutdown before sending a byte")
+    }
+}
+
+impl std::error::Error for Draining {}
+
+/// Whether `e` is [`UntilDraining`]'s.
+pub(crate) fn is_draining(e: &std::io::Error) -> bool {
+    e.get_ref().is_some_and(|e| e.is::<Draining>())
 }
 
 /// Admission for one section.

@@ -50,15 +50,23 @@ pub(crate) struct Tracker {
     /// Dropping it at the drain deadline wakes every connection still open and ends it.
     close: std::sync::Mutex<Option<async_channel::Sender<()>>>,
     closing: async_channel::Receiver<()>,
+    /// Dropped when the drain starts: connections that have not sent a byte yet are closed
+    /// then rather than waited for (an idle client would hold the shutdown for its read
+    /// timeout), as nginx closes its idle connections on a graceful shutdown.
+    drain_start: std::sync::Mutex<Option<async_channel::Sender<()>>>,
+    draining: async_channel::Receiver<()>,
 }
 
 impl Default for Tracker {
     fn default() -> Self {
         let (close, closing) = async_channel::bounded(1);
+        let (drain_start, draining) = async_channel::bounded(1);
         Tracker {
             live: Arc::new(AtomicUsize::new(0)),
             close: std::sync::Mutex::new(Some(close)),
             closing,
+            drain_start: std::sync::Mutex::new(Some(drain_start)),
+            draining,
         }
     }
 }
@@ -80,12 +88,18 @@ impl Tracker {
     /// The process-wide count for the connections tracked here, capped at `max`: their
     /// tunnels end at this tracker's drain deadline and log it.
     pub(crate) fn global(&self, max: Option<usize>) -> Arc<crate::limit::Global> {
-        crate::limit::Global::with_deadline(max, self.closing.clone())
+        crate::limit::Global::with_deadline(max, self.closing.clone(), self.draining.clone())
     }
 
     /// Waits up to `drain` for every connection to end, then closes those still open.
     /// Returns how many had to be closed.
     pub(crate) async fn drain<N: Net>(&self, net: &N, drain: Duration) -> usize {
+        drop(
+            self.drain_start
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(),
+        );
         let idle = || async {
             while self.live.load(Ordering::Relaxed) > 0 {
                 net.sleep(DRAIN_POLL).await;

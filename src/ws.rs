@@ -527,8 +527,11 @@ impl Flow {
         early: Vec<u8>,
         log: &mut Access,
     ) -> Result<(tls::Stream<N::Stream>, Vec<u8>, Lease), Ended> {
-        // Bytes that came behind a PROXY header are the start of the request head.
-        let mut reader = futures_lite::io::Cursor::new(early).chain(&mut *client);
+        // Bytes that came behind a PROXY header are the start of the request head. A client
+        // that has sent nothing when the drain starts is closed then.
+        let idle = early.is_empty();
+        let client = limit::UntilDraining::new(&mut *client, &self.admission, idle);
+        let mut reader = futures_lite::io::Cursor::new(early).chain(client);
         let head = match net::timeout(
             net,
             self.read_timeout,
@@ -547,6 +550,9 @@ impl Flow {
                 return Err(Ended::Quietly(
                     "client closed before its request head ended".into(),
                 ))
+            }
+            Err(e) if limit::is_draining(&e) => {
+                return Err(Ended::Quietly("closed at shutdown: no request yet".into()))
             }
             Err(e) => return Err(Ended::Quietly(format!("client error: {e}"))),
         };

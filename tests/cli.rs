@@ -642,6 +642,73 @@ fn upgrade(addr: SocketAddr, key: Option<&str>) -> (TcpStream, String) {
     (s, String::from_utf8_lossy(&head).into_owned())
 }
 
+#[test]
+fn sigterm_closes_websocket_clients_that_sent_nothing_and_finishes_the_rest() {
+    let backend = ws_backend();
+    let file = config_file(
+        "drain-idle.toml",
+        &format!(
+            "drain_timeout_ms = 20000\n[[ws_proxy]]\nname = \"w\"\nlisten = \"127.0.0.1:0\"\n\
+             backends = [\"{backend}\"]\nread_timeout_ms = 20000\n"
+        ),
+    );
+    let mut proxy = start(&["--config", file.to_str().unwrap()], 1);
+    let addr = proxy.addr("w");
+    let (mut tunnel, head) = upgrade(addr, Some("dGhlIHNhbXBsZSBub25jZQ=="));
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let mut silent = TcpStream::connect(addr).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut halfway = TcpStream::connect(addr).unwrap();
+    halfway
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    halfway
+        .write_all(b"GET /chat HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+
+    signal(&proxy.child, "TERM");
+    // The client that sent nothing is closed at once, without an answer (nginx does the same
+    // with its idle connections), rather than holding the shutdown for its 20 s read timeout.
+    let began = std::time::Instant::now();
+    let mut got = Vec::new();
+    assert_eq!(silent.read_to_end(&mut got).unwrap(), 0);
+    assert!(
+        began.elapsed() < Duration::from_secs(2),
+        "closed after {:?}",
+        began.elapsed()
+    );
+    // The one halfway through its request finishes its handshake; the tunnel still relays.
+    halfway
+        .write_all(
+            b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        )
+        .unwrap();
+    let mut answer = [0u8; 12];
+    halfway.read_exact(&mut answer).unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 101");
+    tunnel.write_all(b"still here").unwrap();
+    let mut echoed = [0u8; 10];
+    tunnel.read_exact(&mut echoed).unwrap();
+    assert_eq!(&echoed, b"still here");
+    drop(halfway);
+    drop(tunnel);
+    assert_eq!(
+        exit_within(&mut proxy.child, Duration::from_secs(5)),
+        Some(0),
+        "exit 0 once the tunnels are done"
+    );
+    let log = proxy.log.lock().unwrap().clone();
+    assert!(
+        log.iter()
+            .any(|l| l.contains("end=\"closed at shutdown: no request yet\"")),
+        "{log:#?}"
+    );
+}
+
 /// One request to the admin endpoint: (status, body).
 fn admin_get(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).unwrap();
