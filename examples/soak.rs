@@ -29,6 +29,8 @@ struct Totals {
     wrong: AtomicU64,
     /// A connection that ended before the soak did, or failed to open.
     failed: AtomicU64,
+    /// The first few reasons, printed at the end.
+    why: std::sync::Mutex<Vec<String>>,
 }
 
 struct Args {
@@ -121,15 +123,22 @@ async fn backend(listener: TcpListener) {
 }
 
 async fn client(id: usize, proxy: String, totals: Arc<Totals>, stop: Arc<AtomicBool>) {
-    let Ok(stream) = TcpStream::connect(&proxy).await else {
+    let fail = |why: String| {
         totals.failed.fetch_add(1, Ordering::Relaxed);
-        return;
+        let mut all = totals.why.lock().unwrap();
+        if all.len() < 10 {
+            all.push(format!("client {id}: {why}"));
+        }
+    };
+    let stream = match TcpStream::connect(&proxy).await {
+        Ok(s) => s,
+        Err(e) => return fail(format!("connect: {e}")),
     };
     let _ = stream.set_nodelay(true);
     let url = format!("ws://{proxy}/soak/{id}");
-    let Ok((mut ws, _)) = async_tungstenite::client_async(url, stream).await else {
-        totals.failed.fetch_add(1, Ordering::Relaxed);
-        return;
+    let mut ws = match async_tungstenite::client_async(url, stream).await {
+        Ok((ws, _)) => ws,
+        Err(e) => return fail(format!("handshake: {e}")),
     };
     let mut rng = 0x9E37_79B9_7F4A_7C15 ^ (id as u64 + 1).wrapping_mul(0x2545_F491_4F6C_DD1D);
     let mut seq = 0u64;
@@ -139,9 +148,8 @@ async fn client(id: usize, proxy: String, totals: Arc<Totals>, stop: Arc<AtomicB
         // Sizes vary from a few bytes to a few KiB, as chat and telemetry messages do.
         let pad = (next_random(&mut rng) % 4096) as usize;
         let text = format!("{id}:{seq}:{}", "x".repeat(pad));
-        if ws.send(Message::text(text.clone())).await.is_err() {
-            totals.failed.fetch_add(1, Ordering::Relaxed);
-            return;
+        if let Err(e) = ws.send(Message::text(text.clone())).await {
+            return fail(format!("send: {e}"));
         }
         totals.sent.fetch_add(1, Ordering::Relaxed);
         match ws.next().await {
@@ -151,10 +159,8 @@ async fn client(id: usize, proxy: String, totals: Arc<Totals>, stop: Arc<AtomicB
             Some(Ok(_)) => {
                 totals.wrong.fetch_add(1, Ordering::Relaxed);
             }
-            _ => {
-                totals.failed.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
+            Some(Err(e)) => return fail(format!("receive: {e}")),
+            None => return fail("closed by the proxy".into()),
         }
         seq += 1;
     }
@@ -175,7 +181,23 @@ fn main() {
     let binary = root.join("target/release/portcullis");
 
     smol::block_on(async {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        // A backlog of 4096, not std's 128: with thousands of connections opening at once,
+        // an overflowing accept queue resets some of the proxy's upgrades (a 502 that says
+        // nothing about the proxy).
+        let listener = {
+            use rustix::net::{AddressFamily, SocketFlags, SocketType};
+            let fd = rustix::net::socket_with(
+                AddressFamily::INET,
+                SocketType::STREAM,
+                SocketFlags::CLOEXEC,
+                None,
+            )
+            .unwrap();
+            let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+            rustix::net::bind(&fd, &any).unwrap();
+            rustix::net::listen(&fd, 4096).unwrap();
+            TcpListener::try_from(std::net::TcpListener::from(fd)).unwrap()
+        };
         let backend_addr = listener.local_addr().unwrap();
         smol::spawn(backend(listener)).detach();
         let port = {
@@ -183,6 +205,9 @@ fn main() {
             probe.local_addr().unwrap().port()
         };
         let proxy_addr = format!("127.0.0.1:{port}");
+        // The proxy's log, for the reasons behind a failure (one access line per connection).
+        let log_path =
+            std::env::temp_dir().join(format!("portcullis-soak-{}.log", std::process::id()));
         let mut proxy = Command::new(&binary)
             .args([
                 "ws",
@@ -191,7 +216,9 @@ fn main() {
                 "--backend",
                 &backend_addr.to_string(),
             ])
-            .stderr(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(&log_path).expect("create the proxy's log"),
+            ))
             .spawn()
             .expect("start portcullis");
         let pid = proxy.id();
@@ -278,6 +305,18 @@ fn main() {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let leak = sockets_end > sockets0 || other_end > other0 || pipes_end > threads * 128;
         let ok = wrong == 0 && sent == echoed && failed == 0 && drift <= 5.0 && !leak;
+        for why in totals.why.lock().unwrap().iter() {
+            println!("  {why}");
+        }
+        if failed > 0 {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let warnings: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains(" WARN "))
+                .take(10)
+                .collect();
+            println!("  proxy warnings ({}): {warnings:#?}", log_path.display());
+        }
         println!("{}", if ok { "PASS" } else { "FAIL" });
         if !ok {
             std::process::exit(1);
