@@ -415,7 +415,11 @@ impl Flow {
                 return None;
             }
         };
-        let local = net.local_addr(&client).ok();
+        // The address the client reached, for a PROXY header to the backend; asked of the
+        // socket (one system call) only when one is sent.
+        let local = self
+            .proxy_protocol
+            .and_then(|_| net.local_addr(&client).ok());
         // Boxed, as the connect below: the TLS handshake's and the connect's state (several
         // KiB with TLS) is freed when the tunnel opens, rather than kept for its whole life.
         let opened = Box::pin(self.open(&net, client, early, peer)).await;

@@ -396,7 +396,15 @@ impl Flow {
         let admitted = self.admission.admit(peer.ip(), started);
         // On a TLS listener, the handshake first (within the read timeout, as the head): every
         // answer after it, a refusal included, goes over TLS.
-        let local = net.local_addr(&client).ok();
+        // The address the client reached, for a PROXY header to the backend; asked of the
+        // socket (one system call) only when a route sends one.
+        let sends_proxy_header = self
+            .routes
+            .iter()
+            .any(|r| r.config.send_proxy_protocol.is_some());
+        let local = sends_proxy_header
+            .then(|| net.local_addr(&client).ok())
+            .flatten();
         let (mut client, early) = match &self.acceptor {
             None => (tls::Stream::Plain(client), early),
             Some(acceptor) => {
