@@ -619,19 +619,22 @@ mod tests {
         assert_eq!(client_seen.lock().unwrap().closes, 1);
     }
 
+    /// Two connected loopback sockets: (the outside peer, the accepted one).
+    #[cfg(target_os = "linux")]
+    async fn socket_pair() -> (async_net::TcpStream, async_net::TcpStream) {
+        let l = async_net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let outside = async_net::TcpStream::connect(l.local_addr().unwrap());
+        let (outside, inside) = futures_lite::future::zip(outside, l.accept()).await;
+        (outside.unwrap(), inside.unwrap().0)
+    }
+
     #[cfg(target_os = "linux")]
     #[test]
     fn plain_sockets_are_spliced_with_the_same_half_close_counts_and_pending_bytes() {
         use futures_lite::{AsyncReadExt, AsyncWriteExt};
         smol::block_on(async {
-            let pair = || async {
-                let l = async_net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                let outside = async_net::TcpStream::connect(l.local_addr().unwrap());
-                let (outside, inside) = futures_lite::future::zip(outside, l.accept()).await;
-                (outside.unwrap(), inside.unwrap().0)
-            };
-            let (mut client_peer, mut client) = pair().await;
-            let (mut backend_peer, mut backend) = pair().await;
+            let (mut client_peer, mut client) = socket_pair().await;
+            let (mut backend_peer, mut backend) = socket_pair().await;
             let up: Vec<u8> = (0..=255).cycle().take(3_000_000).collect();
             let relay = Relay::new(&mut client, &mut backend)
                 .pending(b"early".to_vec(), b"101 ".to_vec())
@@ -674,14 +677,8 @@ mod tests {
         // failure.
         use futures_lite::{AsyncReadExt, AsyncWriteExt};
         smol::block_on(async {
-            let pair = || async {
-                let l = async_net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                let outside = async_net::TcpStream::connect(l.local_addr().unwrap());
-                let (outside, inside) = futures_lite::future::zip(outside, l.accept()).await;
-                (outside.unwrap(), inside.unwrap().0)
-            };
-            let (mut client_peer, mut client) = pair().await;
-            let (mut backend_peer, mut backend) = pair().await;
+            let (mut client_peer, mut client) = socket_pair().await;
+            let (mut backend_peer, mut backend) = socket_pair().await;
             let relay = Relay::new(&mut client, &mut backend).splice();
             let exchange = async {
                 let mut sent = 0u64;
