@@ -241,30 +241,32 @@ impl futures_lite::AsyncWrite for SmolStream {
 /// `Async::connect` does the same but waits with a future that leaves a waker list allocated
 /// in the socket's reactor entry for the connection's whole life (~170 bytes per tunnel); the
 /// reactor's single waker slot, as every later read and write uses, is enough here.
+#[cfg(unix)]
 async fn connect(sa: SocketAddr) -> io::Result<smol::Async<std::net::TcpStream>> {
-    #[cfg(unix)]
-    let stream = {
-        use rustix::net::{AddressFamily, SocketFlags, SocketType};
-        let family = match sa {
-            SocketAddr::V4(_) => AddressFamily::INET,
-            SocketAddr::V6(_) => AddressFamily::INET6,
-        };
-        let flags = SocketFlags::CLOEXEC | SocketFlags::NONBLOCK;
-        let fd = rustix::net::socket_with(family, SocketType::STREAM, flags, None)?;
-        match rustix::net::connect(&fd, &sa) {
-            Ok(()) | Err(rustix::io::Errno::INPROGRESS) => {}
-            Err(e) => return Err(e.into()),
-        }
-        smol::Async::new_nonblocking(std::net::TcpStream::from(fd))?
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
+    let family = match sa {
+        SocketAddr::V4(_) => AddressFamily::INET,
+        SocketAddr::V6(_) => AddressFamily::INET6,
     };
-    #[cfg(not(unix))]
-    let stream = return smol::Async::<std::net::TcpStream>::connect(sa).await;
+    let flags = SocketFlags::CLOEXEC | SocketFlags::NONBLOCK;
+    let fd = rustix::net::socket_with(family, SocketType::STREAM, flags, None)?;
+    match rustix::net::connect(&fd, &sa) {
+        // A non-blocking connect goes on in the background (also when interrupted).
+        Ok(()) | Err(rustix::io::Errno::INPROGRESS | rustix::io::Errno::INTR) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let stream = smol::Async::new_nonblocking(std::net::TcpStream::from(fd))?;
     // Writable once connected, or once the connect failed: SO_ERROR tells which.
     std::future::poll_fn(|cx| stream.poll_writable(cx)).await?;
     match stream.get_ref().take_error()? {
         None => Ok(stream),
         Some(e) => Err(e),
     }
+}
+
+#[cfg(not(unix))]
+async fn connect(sa: SocketAddr) -> io::Result<smol::Async<std::net::TcpStream>> {
+    smol::Async::<std::net::TcpStream>::connect(sa).await
 }
 
 impl fmt::Debug for SmolNet {
