@@ -426,9 +426,9 @@ pub(crate) struct Tunnel<S> {
     pub(crate) max_age: Option<Duration>,
     /// Held until the tunnel ends: its place under the limits, its backend lease (for
     /// least-connections), its count in the metrics.
-    pub(crate) ticket: Ticket,
-    pub(crate) lease: crate::balancer::Lease,
-    pub(crate) open: crate::metrics::Open,
+    pub(crate) _ticket: Ticket,
+    pub(crate) _lease: crate::balancer::Lease,
+    pub(crate) _open: crate::metrics::Open,
 }
 
 impl<S> Tunnel<S>
@@ -466,7 +466,6 @@ where
         log.end = cut.map_or_else(|| crate::tcp::ending(&report), str::to_string);
         log.duration_ms = net.now().duration_since(self.started).as_millis() as u64;
         log.closed(metrics);
-        let _ = (&self.ticket, &self.lease, &self.open);
     }
 }
 

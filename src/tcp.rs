@@ -512,9 +512,9 @@ impl Flow {
             log: access,
             started,
             max_age: self.admission.max_age(u64::from(peer.port())),
-            ticket,
-            lease,
-            open,
+            _ticket: ticket,
+            _lease: lease,
+            _open: open,
         }))
     }
 }

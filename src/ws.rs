@@ -471,9 +471,9 @@ impl Flow {
                     log,
                     started,
                     max_age: self.admission.max_age(u64::from(peer.port())),
-                    ticket,
-                    lease,
-                    open,
+                    _ticket: ticket,
+                    _lease: lease,
+                    _open: open,
                 }));
             }
             Err(Ended::Refused(refusal)) => {
