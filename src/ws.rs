@@ -438,12 +438,24 @@ impl Flow {
                 }
             }
         };
-        let outcome = match &admitted {
+        // A connection answered with an error keeps its place under the limits until the
+        // answer is written.
+        let mut _held = None;
+        let outcome = match admitted {
             // Boxed, so the tunnel's task does not keep the handshake's ~10 KiB state for
             // its whole life.
-            Ok(_) => Box::pin(self.upgrade(&net, &mut client, local, peer, early, &mut log)).await,
+            Ok(ticket) => {
+                match Box::pin(self.upgrade(&net, &mut client, local, peer, early, &mut log)).await
+                {
+                    Ok((upstream, to_client, lease)) => Ok((upstream, to_client, lease, ticket)),
+                    Err(ended) => {
+                        _held = Some(ticket);
+                        Err(ended)
+                    }
+                }
+            }
             Err(why) => {
-                self.metrics.refused(*why);
+                self.metrics.refused(why);
                 Err(over_capacity("over a connection limit"))
             }
         };
@@ -457,12 +469,9 @@ impl Flow {
                 .handshake(status, net.now().duration_since(started));
         }
         match outcome {
-            Ok((upstream, to_client, lease)) => {
+            Ok((upstream, to_client, lease, ticket)) => {
                 log.connect_ms = Some(net.now().duration_since(started).as_millis() as u64);
                 log.opened();
-                let Ok(ticket) = admitted else {
-                    unreachable!("an upgrade only happens when admitted")
-                };
                 return Some(Box::new(limit::Tunnel {
                     client,
                     upstream,
