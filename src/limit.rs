@@ -160,28 +160,50 @@ impl Global {
     }
 }
 
-/// A reader that, until it has returned its first byte, also fails (with [`Draining`]) as soon
-/// as the drain starts: a client connected but silent is closed then, not waited for.
-pub(crate) struct UntilDraining<'a, R> {
+/// How long a connection that has sent nothing may still wait for its first byte once the drain
+/// starts, counted from its accept: one accepted a moment before the shutdown may have its
+/// request on the way, while one silent for longer is idle (a port scan, a balancer's TCP check).
+pub(crate) const FIRST_BYTE_GRACE: Duration = Duration::from_secs(1);
+
+/// A reader that, until it has returned its first byte, also fails (with [`Draining`]) once
+/// the drain has started and the connection has been silent for [`FIRST_BYTE_GRACE`]: a client
+/// connected but idle is closed then, not waited for.
+pub(crate) struct UntilDraining<'a, N, R> {
     inner: R,
+    net: &'a N,
+    /// When the silence began: when the reader was made.
+    since: Instant,
     draining: Option<std::pin::Pin<Box<async_channel::Recv<'a, ()>>>>,
+    /// Set when the drain starts, for a connection still within its grace.
+    grace: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>>,
 }
 
-impl<'a, R> UntilDraining<'a, R> {
-    /// `inner`, cut at the drain's start if `admission`'s process has a drain to watch and
-    /// `idle` (nothing received yet).
-    pub(crate) fn new(inner: R, admission: &'a Admission, idle: bool) -> Self {
+impl<'a, N: crate::net::Net, R> UntilDraining<'a, N, R> {
+    /// `inner`, cut as above if `admission`'s process has a drain to watch and `idle` (nothing
+    /// received yet). Its silence is counted from now: right after the accept (or after the
+    /// TLS handshake, on a TLS listener).
+    pub(crate) fn new(inner: R, net: &'a N, admission: &'a Admission, idle: bool) -> Self {
         let draining = admission
             .global
             .as_ref()
             .and_then(|g| g.draining.as_ref())
             .filter(|_| idle)
             .map(|d| Box::pin(d.recv()));
-        UntilDraining { inner, draining }
+        UntilDraining {
+            inner,
+            net,
+            since: net.now(),
+            draining,
+            grace: None,
+        }
     }
 }
 
-impl<R: futures_lite::AsyncRead + Unpin> futures_lite::AsyncRead for UntilDraining<'_, R> {
+impl<N, R> futures_lite::AsyncRead for UntilDraining<'_, N, R>
+where
+    N: crate::net::Net,
+    R: futures_lite::AsyncRead + Unpin,
+{
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -193,8 +215,20 @@ impl<R: futures_lite::AsyncRead + Unpin> futures_lite::AsyncRead for UntilDraini
         let read = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
         if read.is_ready() {
             this.draining = None;
-        } else if let Some(draining) = &mut this.draining {
+            this.grace = None;
+            return read;
+        }
+        if let Some(draining) = &mut this.draining {
             if draining.as_mut().poll(cx).is_ready() {
+                this.draining = None;
+                let silent = this.net.now().duration_since(this.since);
+                this.grace = Some(Box::pin(
+                    this.net.sleep(FIRST_BYTE_GRACE.saturating_sub(silent)),
+                ));
+            }
+        }
+        if let Some(grace) = &mut this.grace {
+            if grace.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Err(std::io::Error::other(Draining)));
             }
         }

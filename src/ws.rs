@@ -545,9 +545,10 @@ impl Flow {
         log: &mut Access,
     ) -> Result<(tls::Stream<N::Stream>, Vec<u8>, Lease), Ended> {
         // Bytes that came behind a PROXY header are the start of the request head. A client
-        // that has sent nothing when the drain starts is closed then.
+        // that has sent nothing when the drain starts is closed then, or a second after its
+        // accept if that is later (its request may be on the way).
         let idle = early.is_empty();
-        let client = limit::UntilDraining::new(&mut *client, &self.admission, idle);
+        let client = limit::UntilDraining::new(&mut *client, net, &self.admission, idle);
         let mut reader = futures_lite::io::Cursor::new(early).chain(client);
         let head = match net::timeout(
             net,

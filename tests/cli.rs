@@ -643,7 +643,7 @@ fn upgrade(addr: SocketAddr, key: Option<&str>) -> (TcpStream, String) {
 }
 
 #[test]
-fn sigterm_closes_websocket_clients_that_sent_nothing_and_finishes_the_rest() {
+fn sigterm_closes_websocket_clients_silent_for_a_second_and_finishes_the_rest() {
     let backend = ws_backend();
     let file = config_file(
         "drain-idle.toml",
@@ -667,18 +667,31 @@ fn sigterm_closes_websocket_clients_that_sent_nothing_and_finishes_the_rest() {
     halfway
         .write_all(b"GET /chat HTTP/1.1\r\nHost: x\r\n")
         .unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    std::thread::sleep(Duration::from_millis(1200));
+    // Connected a moment before the signal: its request might be on its way.
+    let mut fresh = TcpStream::connect(addr).unwrap();
+    fresh
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
 
     signal(&proxy.child, "TERM");
-    // The client that sent nothing is closed at once, without an answer (nginx does the same
-    // with its idle connections), rather than holding the shutdown for its 20 s read timeout.
+    // The client silent for over a second is closed at once, without an answer (nginx closes
+    // its idle connections the same way), rather than holding the shutdown for its 20 s read
+    // timeout; the fresh one gets a second from its accept to send something.
     let began = std::time::Instant::now();
     let mut got = Vec::new();
     assert_eq!(silent.read_to_end(&mut got).unwrap(), 0);
+    let idle_closed = began.elapsed();
+    assert_eq!(fresh.read_to_end(&mut got).unwrap(), 0);
+    let fresh_closed = began.elapsed();
     assert!(
-        began.elapsed() < Duration::from_secs(2),
-        "closed after {:?}",
-        began.elapsed()
+        idle_closed < Duration::from_millis(500),
+        "the idle client was closed after {idle_closed:?}"
+    );
+    assert!(
+        (Duration::from_millis(600)..Duration::from_secs(2)).contains(&fresh_closed),
+        "the fresh client was closed after {fresh_closed:?}"
     );
     // The one halfway through its request finishes its handshake; the tunnel still relays.
     halfway
