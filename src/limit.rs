@@ -261,10 +261,8 @@ pub struct Admission {
     global: Option<Arc<Global>>,
     open: Arc<AtomicUsize>,
     per_ip: PerIp,
-    /// Refusals since the last log line, and when that line was written (ms after `epoch`).
-    refused: AtomicU64,
-    logged_at: AtomicU64,
-    epoch: Instant,
+    /// Refusals since the last log line.
+    refused: Throttle,
 }
 
 /// Counts one admitted connection until dropped.
@@ -303,6 +301,40 @@ fn take(counter: &AtomicUsize, max: Option<usize>) -> bool {
     true
 }
 
+/// Counts events and says when one is due a log line: the first at once, then at most one a
+/// second, each with the count since the line before. Shared between tasks without a lock.
+#[derive(Debug)]
+pub(crate) struct Throttle {
+    count: AtomicU64,
+    /// When the last line was due, in ms after `epoch` (0: never).
+    logged_at: AtomicU64,
+    epoch: Instant,
+}
+
+impl Throttle {
+    pub(crate) fn new(epoch: Instant) -> Self {
+        Throttle {
+            count: AtomicU64::new(0),
+            logged_at: AtomicU64::new(0),
+            epoch,
+        }
+    }
+
+    /// Counts one event at `now`; `Some(n)` when a line is due, for the `n` events since the
+    /// last one (this one included).
+    pub(crate) fn count(&self, now: Instant) -> Option<u64> {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
+        let last = self.logged_at.load(Ordering::Relaxed);
+        let due = (ms >= last + 1000 || last == 0)
+            && self
+                .logged_at
+                .compare_exchange(last, ms.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok();
+        due.then(|| self.count.swap(0, Ordering::Relaxed))
+    }
+}
+
 impl Admission {
     /// Admission for the section `name`, under `global` if the process has a cap.
     pub fn new(name: &str, limits: Limits, global: Option<Arc<Global>>, epoch: Instant) -> Self {
@@ -312,9 +344,7 @@ impl Admission {
             global,
             open: Arc::new(AtomicUsize::new(0)),
             per_ip: Arc::new(Mutex::new(HashMap::new())),
-            refused: AtomicU64::new(0),
-            logged_at: AtomicU64::new(0),
-            epoch,
+            refused: Throttle::new(epoch),
         }
     }
 
@@ -336,16 +366,7 @@ impl Admission {
     /// Counts a refusal of a client at `ip` for `why`, and logs it, at most once a second
     /// for the section with the count since the last line.
     pub fn refuse(&self, why: Refused, ip: IpAddr, now: Instant) {
-        self.refused.fetch_add(1, Ordering::Relaxed);
-        let ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
-        let last = self.logged_at.load(Ordering::Relaxed);
-        if (ms >= last + 1000 || last == 0)
-            && self
-                .logged_at
-                .compare_exchange(last, ms.max(1), Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            let n = self.refused.swap(0, Ordering::Relaxed);
+        if let Some(n) = self.refused.count(now) {
             crate::log::warn!(
                 "limit name={} refused={n} reason=\"{}\" (last: {ip})",
                 self.name,

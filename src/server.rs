@@ -167,6 +167,9 @@ pub(crate) async fn accept_until<N, H, F>(
 {
     let mut stop = pin!(stop);
     let mut backoff = ACCEPT_BACKOFF_MIN;
+    // Out of descriptors, accepting can fail once per connection served (each frees the
+    // descriptor the next takes): said once a second, with a count, not once a connection.
+    let failures = crate::limit::Throttle::new(net.now());
     loop {
         let accepted = future::or(async { Some(listener.accept().await) }, async {
             (&mut stop).await;
@@ -180,7 +183,12 @@ pub(crate) async fn accept_until<N, H, F>(
                 tracker.spawn(net, handle(stream, peer));
             }
             Some(Err(e)) if crate::limit::is_exhaustion(&e) => {
-                warn!("accept failed, retrying in {}ms: {e}", backoff.as_millis());
+                if let Some(n) = failures.count(net.now()) {
+                    warn!(
+                        "accept failed, retrying in {}ms ({n} since the last line): {e}",
+                        backoff.as_millis()
+                    );
+                }
                 net.sleep(backoff).await;
                 backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
             }
