@@ -48,6 +48,8 @@ pub mod metrics;
 pub mod net;
 pub mod policy;
 pub mod proxy_protocol;
+#[cfg(target_os = "linux")]
+mod reactor;
 pub mod relay;
 mod route;
 mod server;

@@ -170,16 +170,25 @@ fn listen(addr: &str, reuse_port: bool) -> io::Result<SmolListener> {
 
 /// A TCP stream of [`SmolNet`]: the socket's reactor entry and nothing else.
 ///
-/// `async_net::TcpStream` carries two futures inline (120 bytes, held twice by every tunnel)
-/// and its reads wait with a future that leaves a waker list in the socket's reactor entry;
-/// this stream is one pointer and waits in the entry's single waker slot. Like async_net's,
-/// closing it shuts down the write half (a FIN), which half-closes need.
+/// On Linux the socket is registered once, edge-triggered, in an epoll instance of the
+/// process's own (see `src/reactor.rs`): waiting for it costs no system call. Elsewhere it is
+/// async-io's. Either way the stream is one pointer. Like async_net's, closing it shuts down the
+/// write half (a FIN), which half-closes need.
 #[derive(Debug, Clone)]
-pub struct SmolStream(Arc<smol::Async<std::net::TcpStream>>);
+pub struct SmolStream(Arc<Io>);
+
+#[cfg(target_os = "linux")]
+type Io = crate::reactor::Source;
+#[cfg(not(target_os = "linux"))]
+type Io = smol::Async<std::net::TcpStream>;
 
 impl SmolStream {
-    fn new(socket: smol::Async<std::net::TcpStream>) -> Self {
-        SmolStream(Arc::new(socket))
+    /// A stream for a connected non-blocking socket.
+    fn connected(stream: std::net::TcpStream) -> io::Result<Self> {
+        #[cfg(target_os = "linux")]
+        return Ok(SmolStream(Io::new(stream, true, true)?));
+        #[cfg(not(target_os = "linux"))]
+        Ok(SmolStream(Arc::new(Io::new_nonblocking(stream)?)))
     }
 
     /// The socket.
@@ -188,9 +197,13 @@ impl SmolStream {
     }
 }
 
-impl From<SmolStream> for Arc<smol::Async<std::net::TcpStream>> {
-    fn from(stream: SmolStream) -> Self {
-        stream.0
+impl TryFrom<std::net::TcpStream> for SmolStream {
+    type Error = io::Error;
+
+    /// Makes a connected socket non-blocking and registers it.
+    fn try_from(stream: std::net::TcpStream) -> io::Result<Self> {
+        stream.set_nonblocking(true)?;
+        SmolStream::connected(stream)
     }
 }
 
@@ -200,6 +213,9 @@ impl futures_lite::AsyncRead for SmolStream {
         cx: &mut std::task::Context<'_>,
         buf: &mut [u8],
     ) -> std::task::Poll<io::Result<usize>> {
+        #[cfg(target_os = "linux")]
+        return self.0.poll_read(cx, buf);
+        #[cfg(not(target_os = "linux"))]
         std::pin::Pin::new(&mut &*self.0).poll_read(cx, buf)
     }
 }
@@ -210,6 +226,11 @@ impl futures_lite::AsyncWrite for SmolStream {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<io::Result<usize>> {
+        #[cfg(target_os = "linux")]
+        return self.0.poll_io(crate::reactor::WRITE, cx, |mut s| {
+            std::io::Write::write(&mut s, buf)
+        });
+        #[cfg(not(target_os = "linux"))]
         std::pin::Pin::new(&mut &*self.0).poll_write(cx, buf)
     }
 
@@ -218,6 +239,11 @@ impl futures_lite::AsyncWrite for SmolStream {
         cx: &mut std::task::Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> std::task::Poll<io::Result<usize>> {
+        #[cfg(target_os = "linux")]
+        return self.0.poll_io(crate::reactor::WRITE, cx, |mut s| {
+            std::io::Write::write_vectored(&mut s, bufs)
+        });
+        #[cfg(not(target_os = "linux"))]
         std::pin::Pin::new(&mut &*self.0).poll_write_vectored(cx, bufs)
     }
 
@@ -238,11 +264,10 @@ impl futures_lite::AsyncWrite for SmolStream {
 
 /// Connects a non-blocking socket to `sa` and waits until it is connected.
 ///
-/// `Async::connect` does the same but waits with a future that leaves a waker list allocated
-/// in the socket's reactor entry for the connection's whole life (~170 bytes per tunnel); the
-/// reactor's single waker slot, as every later read and write uses, is enough here.
+/// (`Async::connect` does the same but waits with a future that leaves a waker list allocated
+/// in the socket's async-io entry for the connection's whole life, ~170 bytes per tunnel.)
 #[cfg(unix)]
-async fn connect(sa: SocketAddr) -> io::Result<smol::Async<std::net::TcpStream>> {
+async fn connect(sa: SocketAddr) -> io::Result<SmolStream> {
     use rustix::net::{AddressFamily, SocketFlags, SocketType};
     let family = match sa {
         SocketAddr::V4(_) => AddressFamily::INET,
@@ -255,9 +280,20 @@ async fn connect(sa: SocketAddr) -> io::Result<smol::Async<std::net::TcpStream>>
         Ok(()) | Err(rustix::io::Errno::INPROGRESS | rustix::io::Errno::INTR) => {}
         Err(e) => return Err(e.into()),
     }
-    let stream = smol::Async::new_nonblocking(std::net::TcpStream::from(fd))?;
+    let socket = std::net::TcpStream::from(fd);
     // Writable once connected, or once the connect failed: SO_ERROR tells which.
-    std::future::poll_fn(|cx| stream.poll_writable(cx)).await?;
+    #[cfg(target_os = "linux")]
+    let stream = {
+        let source = Io::new(socket, true, false)?;
+        std::future::poll_fn(|cx| source.poll_ready(crate::reactor::WRITE, cx)).await;
+        SmolStream(source)
+    };
+    #[cfg(not(target_os = "linux"))]
+    let stream = {
+        let source = Arc::new(Io::new_nonblocking(socket)?);
+        std::future::poll_fn(|cx| source.poll_writable(cx)).await?;
+        SmolStream(source)
+    };
     match stream.get_ref().take_error()? {
         None => Ok(stream),
         Some(e) => Err(e),
@@ -265,8 +301,9 @@ async fn connect(sa: SocketAddr) -> io::Result<smol::Async<std::net::TcpStream>>
 }
 
 #[cfg(not(unix))]
-async fn connect(sa: SocketAddr) -> io::Result<smol::Async<std::net::TcpStream>> {
-    smol::Async::<std::net::TcpStream>::connect(sa).await
+async fn connect(sa: SocketAddr) -> io::Result<SmolStream> {
+    let stream = smol::Async::<std::net::TcpStream>::connect(sa).await?;
+    Ok(SmolStream(Arc::new(stream)))
 }
 
 impl fmt::Debug for SmolNet {
@@ -321,14 +358,14 @@ impl Listener for SmolListener {
         let stream = std::net::TcpStream::from(fd);
         // Failing to set the option only costs latency; the connection is still good.
         let _ = stream.set_nodelay(true);
-        Ok((SmolStream::new(smol::Async::new_nonblocking(stream)?), peer))
+        Ok((SmolStream::connected(stream)?, peer))
     }
 
     #[cfg(not(unix))]
     async fn accept(&self) -> io::Result<(Self::Stream, SocketAddr)> {
         let (stream, peer) = self.0.read_with(|l| l.accept()).await?;
         let _ = stream.set_nodelay(true);
-        Ok((SmolStream::new(smol::Async::new(stream)?), peer))
+        Ok((SmolStream(Arc::new(smol::Async::new(stream)?)), peer))
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -353,7 +390,7 @@ impl Net for SmolNet {
             match connect(sa).await {
                 Ok(stream) => {
                     let _ = stream.get_ref().set_nodelay(true);
-                    return Ok(SmolStream::new(stream));
+                    return Ok(stream);
                 }
                 Err(e) => last = Some(e),
             }
@@ -376,7 +413,7 @@ impl Net for SmolNet {
     }
 
     fn local_addr(&self, stream: &SmolStream) -> io::Result<SocketAddr> {
-        stream.0.get_ref().local_addr()
+        stream.get_ref().local_addr()
     }
 
     async fn resolve(&self, addr: &str) -> io::Result<Vec<SocketAddr>> {
@@ -392,14 +429,7 @@ pub(crate) fn splicers<C: std::any::Any, B: std::any::Any>(
     client: &C,
     backend: &B,
 ) -> Option<(Splicer, Splicer)> {
-    let socket = |s: &dyn std::any::Any| {
-        s.downcast_ref::<SmolStream>()
-            .map(|s| s.0.clone())
-            .or_else(|| {
-                s.downcast_ref::<async_net::TcpStream>()
-                    .map(|s| Arc::<smol::Async<std::net::TcpStream>>::from(s.clone()))
-            })
-    };
+    let socket = |s: &dyn std::any::Any| s.downcast_ref::<SmolStream>().map(|s| s.0.clone());
     let (c, b) = (socket(client)?, socket(backend)?);
     Some((Splicer::new(c.clone(), b.clone()), Splicer::new(b, c)))
 }
@@ -420,15 +450,15 @@ pub(crate) fn splice_enabled() -> bool {
 #[cfg(target_os = "linux")]
 mod splice {
     use std::cell::RefCell;
-    use std::io::{self, Read};
-    use std::net::TcpStream;
+    use std::io;
     use std::os::fd::OwnedFd;
     use std::sync::Arc;
     use std::task::{Context, Poll};
 
     use rustix::io::Errno;
     use rustix::pipe::{pipe_with, splice, PipeFlags, SpliceFlags};
-    use smol::Async;
+
+    use crate::reactor::{Source, READ, WRITE};
 
     /// The most one splice into the pipe asks for: a pipe's default capacity.
     const CHUNK: usize = 64 * 1024;
@@ -478,15 +508,11 @@ mod splice {
 
     /// One direction of a tunnel between plain sockets: `src` is read, `dst` written.
     pub(crate) struct Splicer {
-        src: Arc<Async<TcpStream>>,
-        dst: Arc<Async<TcpStream>>,
+        src: Arc<Source>,
+        dst: Arc<Source>,
         /// Held only while bytes are in it (waiting for `dst` to take them).
         pipe: Option<Pipe>,
         in_pipe: usize,
-        /// `src` may have bytes: the last read filled its buffer, or the reactor said so since.
-        /// After a short read (the socket's queue was empty) the next read waits for the
-        /// reactor first instead of failing with EAGAIN: one system call less per message.
-        readable: bool,
     }
 
     impl std::fmt::Debug for Splicer {
@@ -498,41 +524,23 @@ mod splice {
     }
 
     impl Splicer {
-        pub(crate) fn new(src: Arc<Async<TcpStream>>, dst: Arc<Async<TcpStream>>) -> Self {
+        pub(crate) fn new(src: Arc<Source>, dst: Arc<Source>) -> Self {
             Splicer {
                 src,
                 dst,
                 pipe: None,
                 in_pipe: 0,
-                readable: true,
             }
         }
 
-        /// Reads from `src` into `buf` like `AsyncRead::poll_read`, but after a short read
-        /// waits for the reactor before reading again. Nothing can be missed: registering
-        /// interest (epoll_ctl) reports a socket that already has bytes at once.
+        /// Reads from `src` into `buf` like `AsyncRead::poll_read`: after a short read, the
+        /// next read waits for the socket's next event instead of failing with EAGAIN first.
         pub(crate) fn poll_read(
             &mut self,
             cx: &mut Context<'_>,
             buf: &mut [u8],
         ) -> Poll<io::Result<usize>> {
-            loop {
-                if !self.readable {
-                    match self.src.poll_readable(cx) {
-                        Poll::Ready(Ok(())) => self.readable = true,
-                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                        Poll::Pending => return Poll::Pending,
-                    }
-                }
-                match self.src.get_ref().read(buf) {
-                    Ok(n) => {
-                        self.readable = n == buf.len();
-                        return Poll::Ready(Ok(n));
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.readable = false,
-                    Err(e) => return Poll::Ready(Err(e)),
-                }
-            }
+            self.src.poll_read(cx, buf)
         }
 
         /// Moves one chunk: `Ready(Ok(n))` after writing `n > 0` bytes to `dst`, `Ready(Ok(0))`
@@ -545,6 +553,9 @@ mod splice {
             let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
             loop {
                 if let (Some(pipe), true) = (&self.pipe, self.in_pipe > 0) {
+                    let Poll::Ready(tick) = self.dst.poll_ready(WRITE, cx) else {
+                        return Poll::Pending;
+                    };
                     match splice(
                         &pipe.read,
                         None,
@@ -566,22 +577,13 @@ mod splice {
                             return Poll::Ready(Ok(n));
                         }
                         Err(Errno::INTR) => {}
-                        Err(Errno::AGAIN) => match self.dst.poll_writable(cx) {
-                            Poll::Ready(Ok(())) => {}
-                            Poll::Ready(Err(e)) => return Poll::Ready(Err(SpliceError::Write(e))),
-                            Poll::Pending => return Poll::Pending,
-                        },
+                        Err(Errno::AGAIN) => self.dst.clear(WRITE, tick),
                         Err(e) => return Poll::Ready(Err(SpliceError::Write(e.into()))),
                     }
                 } else {
-                    // As in `poll_read`: after a short splice, the reactor first.
-                    if !self.readable {
-                        match self.src.poll_readable(cx) {
-                            Poll::Ready(Ok(())) => self.readable = true,
-                            Poll::Ready(Err(e)) => return Poll::Ready(Err(SpliceError::Read(e))),
-                            Poll::Pending => return Poll::Pending,
-                        }
-                    }
+                    let Poll::Ready(tick) = self.src.poll_ready(READ, cx) else {
+                        return Poll::Pending;
+                    };
                     let pipe = match self.pipe.take() {
                         Some(p) => p,
                         // Out of descriptors (or pipes): the caller copies instead.
@@ -590,6 +592,8 @@ mod splice {
                             Err(_) => return Poll::Ready(Err(SpliceError::NoPipe)),
                         },
                     };
+                    // (A short splice is no sign of an empty socket, as a short read is: the
+                    // pipe may have run out of slots. Only EAGAIN says so.)
                     match splice(self.src.get_ref(), None, &pipe.write, None, CHUNK, flags) {
                         Ok(0) => {
                             give_pipe(pipe);
@@ -598,13 +602,12 @@ mod splice {
                         Ok(n) => {
                             self.in_pipe = n;
                             self.pipe = Some(pipe);
-                            self.readable = n == CHUNK;
                         }
                         Err(Errno::INTR) => self.pipe = Some(pipe),
                         Err(Errno::AGAIN) => {
                             // Nothing to read: the empty pipe goes back while the tunnel waits.
                             give_pipe(pipe);
-                            self.readable = false;
+                            self.src.clear(READ, tick);
                         }
                         Err(e) => {
                             give_pipe(pipe);

@@ -621,11 +621,14 @@ mod tests {
 
     /// Two connected loopback sockets: (the outside peer, the accepted one).
     #[cfg(target_os = "linux")]
-    async fn socket_pair() -> (async_net::TcpStream, async_net::TcpStream) {
-        let l = async_net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let outside = async_net::TcpStream::connect(l.local_addr().unwrap());
-        let (outside, inside) = futures_lite::future::zip(outside, l.accept()).await;
-        (outside.unwrap(), inside.unwrap().0)
+    async fn socket_pair() -> (async_net::TcpStream, crate::SmolStream) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let outside = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let inside = l.accept().unwrap().0;
+        (
+            async_net::TcpStream::try_from(outside).unwrap(),
+            crate::SmolStream::try_from(inside).unwrap(),
+        )
     }
 
     #[cfg(target_os = "linux")]
