@@ -124,6 +124,11 @@ impl SmolNet {
 
     /// A runtime that spawns connection tasks onto `executor`.
     pub fn new(executor: Arc<smol::Executor<'static>>) -> Self {
+        // The streams' epoll instance, made now rather than at the first connection, so that
+        // a process's descriptors at rest are all there from the start. (Failing here, it is
+        // tried again at the first stream, which then fails if it fails again.)
+        #[cfg(target_os = "linux")]
+        crate::reactor::start();
         SmolNet { executor }
     }
 }

@@ -320,6 +320,11 @@ impl Reactor {
     }
 }
 
+/// Makes the process's reactor, if it is not made yet.
+pub(crate) fn start() {
+    let _ = reactor();
+}
+
 /// The process's reactor, made on first use.
 fn reactor() -> io::Result<&'static Reactor> {
     static REACTOR: OnceLock<Reactor> = OnceLock::new();
