@@ -289,7 +289,9 @@ async fn connect(sa: SocketAddr) -> io::Result<SmolStream> {
     // Writable once connected, or once the connect failed: SO_ERROR tells which.
     #[cfg(target_os = "linux")]
     let stream = {
-        let source = Io::new(socket, true, false)?;
+        // Not readable either: nothing can have come before the connection. (A server that
+        // speaks first is heard through the event its bytes bring.)
+        let source = Io::new(socket, false, false)?;
         std::future::poll_fn(|cx| source.poll_ready(crate::reactor::WRITE, cx)).await;
         SmolStream(source)
     };

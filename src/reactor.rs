@@ -46,6 +46,12 @@ struct Direction {
     /// returns at once (an end of stream, an error), and no edge may come to say so again.
     /// A read that takes the last bytes before a FIN is short and must not clear this.
     closed: bool,
+    /// (Reads.) The peer's FIN has come, with no error: once a read comes back short, the
+    /// stream is at its end.
+    fin: bool,
+    /// (Reads.) A short read after the FIN had come: every later read returns 0 without asking
+    /// the socket (where it would return 0 too, one system call later).
+    at_end: bool,
     /// Bumped by every event for this direction.
     tick: u32,
     /// The task waiting for this direction.
@@ -99,10 +105,15 @@ impl Source {
     /// `Ready(tick)` when direction `dir` may be ready; otherwise the task waits for an event.
     /// An operation that then finds nothing hands the tick to [`clear`](Self::clear).
     pub(crate) fn poll_ready(&self, dir: usize, cx: &mut Context<'_>) -> Poll<u32> {
+        self.poll_ready_fin(dir, cx).map(|(tick, _)| tick)
+    }
+
+    /// [`poll_ready`](Self::poll_ready), and whether the peer's FIN had come by then.
+    fn poll_ready_fin(&self, dir: usize, cx: &mut Context<'_>) -> Poll<(u32, bool)> {
         let mut state = lock(&self.state);
         let d = &mut state[dir];
         if d.ready {
-            return Poll::Ready(d.tick);
+            return Poll::Ready((d.tick, d.fin));
         }
         match &d.waker {
             Some(w) if w.will_wake(cx.waker()) => {}
@@ -147,14 +158,24 @@ impl Source {
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
         loop {
-            let Poll::Ready(tick) = self.poll_ready(READ, cx) else {
+            let Poll::Ready((tick, fin)) = self.poll_ready_fin(READ, cx) else {
                 return Poll::Pending;
             };
+            if fin && lock(&self.state)[READ].at_end {
+                return Poll::Ready(Ok(0));
+            }
             match (&self.stream).read(buf) {
                 Ok(n) => {
-                    // (Not at the end of the stream: that stays readable, with no edge to come.)
                     if n > 0 && n < buf.len() {
-                        self.clear(READ, tick);
+                        if fin {
+                            // The FIN had come before this read, so every byte before it was
+                            // queued, and this read took them all.
+                            lock(&self.state)[READ].at_end = true;
+                        } else {
+                            // (Not at the end of the stream: that stays readable, with no edge
+                            // to come.)
+                            self.clear(READ, tick);
+                        }
                     }
                     return Poll::Ready(Ok(n));
                 }
@@ -177,6 +198,8 @@ impl Source {
             if flags.intersects(when | closed) {
                 let d = &mut state[dir];
                 d.closed |= flags.intersects(closed);
+                d.fin |=
+                    dir == READ && flags.intersects(F::RDHUP | F::HUP) && !flags.contains(F::ERR);
                 d.ready = true;
                 d.tick = d.tick.wrapping_add(1);
                 wakers.extend(d.waker.take());
@@ -348,4 +371,101 @@ fn reactor() -> io::Result<&'static Reactor> {
         reactor.drive();
     }
     Ok(reactor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::time::Duration;
+
+    /// A connected pair: a plain blocking socket to write from, and a registered one.
+    fn pair() -> (TcpStream, crate::SmolStream) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let outside = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let inside = l.accept().unwrap().0;
+        (outside, crate::SmolStream::try_from(inside).unwrap())
+    }
+
+    /// Reads once, or fails the test if nothing comes within 2 s (a lost wakeup).
+    fn try_read(stream: &mut crate::SmolStream) -> io::Result<Vec<u8>> {
+        use futures_lite::AsyncReadExt;
+        let mut buf = [0u8; 1024];
+        let read = async { stream.read(&mut buf).await };
+        let n = smol::block_on(futures_lite::future::or(
+            async { Some(read.await) },
+            async {
+                smol::Timer::after(Duration::from_secs(2)).await;
+                None
+            },
+        ))
+        .expect("a read that never woke up")?;
+        Ok(buf[..n].to_vec())
+    }
+
+    fn read(stream: &mut crate::SmolStream) -> Vec<u8> {
+        try_read(stream).unwrap()
+    }
+
+    #[test]
+    fn bytes_that_come_after_a_short_read_wake_the_reader() {
+        let (mut outside, mut inside) = pair();
+        for i in 0..200u32 {
+            outside.write_all(&i.to_be_bytes()).unwrap();
+            assert_eq!(read(&mut inside), i.to_be_bytes());
+        }
+    }
+
+    #[test]
+    fn the_end_after_the_last_bytes_is_seen_whether_the_fin_came_with_them_or_later() {
+        // The last bytes and the FIN together: the short read that takes the bytes must not
+        // leave the reader waiting for an edge that will not come.
+        let (mut outside, mut inside) = pair();
+        outside.write_all(b"last").unwrap();
+        outside.shutdown(std::net::Shutdown::Write).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(read(&mut inside), b"last");
+        assert_eq!(read(&mut inside), b"");
+        assert_eq!(read(&mut inside), b"");
+        // Bytes, a pause, more bytes and the FIN: the second bytes are not taken for the end.
+        let (mut outside, mut inside) = pair();
+        outside.write_all(b"a").unwrap();
+        assert_eq!(read(&mut inside), b"a");
+        outside.write_all(b"b").unwrap();
+        outside.shutdown(std::net::Shutdown::Write).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(read(&mut inside), b"b");
+        assert_eq!(read(&mut inside), b"");
+    }
+
+    #[test]
+    fn a_reset_after_the_bytes_is_an_error_not_an_end() {
+        let (outside, mut inside) = pair();
+        (&outside).write_all(b"x").unwrap();
+        // SO_LINGER 0: close sends a RST.
+        rustix::net::sockopt::set_socket_linger(&outside, Some(Duration::ZERO)).unwrap();
+        drop(outside);
+        std::thread::sleep(Duration::from_millis(50));
+        let got = try_read(&mut inside);
+        assert!(
+            got.is_err() || got.as_ref().is_ok_and(|b| b == b"x"),
+            "{got:?}"
+        );
+        let again = try_read(&mut inside);
+        assert!(again.is_err(), "a reset read as a clean end: {again:?}");
+    }
+
+    #[test]
+    fn a_slot_freed_by_a_closed_stream_is_reused_under_a_new_generation() {
+        let mut slots = Slots::default();
+        let a = slots.insert(Weak::new());
+        slots.remove(a);
+        let b = slots.insert(Weak::new());
+        assert_eq!(a as u32, b as u32, "the slot is reused");
+        assert_ne!(a, b, "under a new generation");
+        assert!(slots.get(a).is_none());
+        // Removing by a stale key does not free the slot from under its new owner.
+        slots.remove(a);
+        assert!(slots.free.is_empty());
+    }
 }
