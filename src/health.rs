@@ -249,16 +249,19 @@ pub(crate) fn spawn_checks<N: crate::net::Net>(
     config: &ActiveConfig,
     stop: &async_channel::Receiver<()>,
     tls: Option<std::sync::Arc<crate::tls::Connector>>,
+    proxy_protocol: Option<crate::proxy_protocol::Version>,
 ) {
     for backend in backends {
         let (net2, backend, config, stop) =
             (net.clone(), backend.clone(), config.clone(), stop.clone());
         let pool = pool.to_string();
         let tls = tls.clone();
+        let header = proxy_protocol.map(crate::proxy_protocol::encode_local);
         net.spawn(async move {
             let run = async {
                 loop {
-                    let ok = probe(&net2, &backend, &config, tls.as_deref()).await;
+                    let ok =
+                        probe(&net2, &backend, &config, tls.as_deref(), header.as_deref()).await;
                     match backend.checks().record(ok.is_ok(), &config) {
                         Some(Flip::Down(_)) => crate::log::warn!(
                             "backend down pool={pool} backend={backend} check={:?} ({})",
@@ -284,17 +287,22 @@ pub(crate) fn spawn_checks<N: crate::net::Net>(
 
 /// One probe of `addr`: `Err` says why it failed. A TLS backend (`wss://`, or every backend
 /// of a section with `upstream_tls`) is probed over TLS with `tls`, so a `tcp` check includes
-/// the handshake.
+/// the handshake. `proxy_header` (when the section sends PROXY headers, the backend may require
+/// one on every connection) goes first, on the raw connection, as real connections send theirs.
 async fn probe<N: crate::net::Net>(
     net: &N,
     backend: &crate::balancer::Backend,
     config: &ActiveConfig,
     tls: Option<&crate::tls::Connector>,
+    proxy_header: Option<&[u8]>,
 ) -> Result<(), String> {
     let addr = backend.addr();
     use futures_lite::AsyncWriteExt;
     let work = async {
-        let stream = backend.connect(net).await?;
+        let mut stream = backend.connect(net).await?;
+        if let Some(header) = proxy_header {
+            stream.write_all(header).await?;
+        }
         let mut stream = match (tls, backend.is_tls()) {
             (Some(c), true) => c.connect(backend.host(), stream).await?,
             _ => crate::tls::Stream::Plain(stream),

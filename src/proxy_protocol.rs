@@ -6,7 +6,7 @@
 //! and destination. Version 1 is a line of text (`PROXY TCP4 … \r\n`), version 2 a binary block
 //! with a 12-byte signature and optional TLVs.
 //!
-//! This module is pure: [`encode`] and [`encode_local_v2`] build headers to write to a backend,
+//! This module is pure: [`encode`], [`encode_local`] and [`encode_local_v2`] build headers to write to a backend,
 //! [`parse`] is a push parser over whatever bytes have arrived, and [`read_header`] drives it over
 //! any [`AsyncRead`]. There is no timer here: the caller bounds [`read_header`] with
 //! [`net::timeout`](crate::net::timeout), as the spec asks receivers to.
@@ -216,6 +216,26 @@ pub fn encode(version: Version, source: SocketAddr, destination: SocketAddr) -> 
         (Version::V2, Pair::V6(src, dst)) => {
             v2_proxy(TCP_OVER_IPV6, &[&src.octets(), &dst.octets()], ports)
         }
+    }
+}
+
+/// Builds the header a connection of the proxy's own sends, with no client behind it (a health
+/// check, to a backend that requires a header on every connection): `PROXY UNKNOWN` in version
+/// 1, a `LOCAL` command in version 2. Either tells the backend to use the connection's real
+/// endpoints.
+///
+/// # Examples
+///
+/// ```
+/// use portcullis::proxy_protocol::{encode_local, Version};
+///
+/// assert_eq!(encode_local(Version::V1), b"PROXY UNKNOWN\r\n");
+/// assert_eq!(encode_local(Version::V2).len(), 16);
+/// ```
+pub fn encode_local(version: Version) -> Vec<u8> {
+    match version {
+        Version::V1 => b"PROXY UNKNOWN\r\n".to_vec(),
+        Version::V2 => encode_local_v2(),
     }
 }
 

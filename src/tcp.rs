@@ -272,7 +272,8 @@ impl Flow {
         for (name, p) in &pools {
             if let Some(check) = &s.health_check {
                 let tls = connector.clone();
-                health::spawn_checks(net, name, p.backends(), check, &stopped, tls);
+                let header = s.send_proxy_protocol;
+                health::spawn_checks(net, name, p.backends(), check, &stopped, tls, header);
             }
             balancer::spawn_resolver(net, name, p.backends(), resolve_every, &stopped);
         }

@@ -265,7 +265,8 @@ impl Flow {
             let pool = format!("{}{}", flow.name, r.config.path);
             if let Some(check) = &r.config.health_check {
                 let tls = flow.connector.clone();
-                health::spawn_checks(net, &pool, r.pool.backends(), check, &stopped, tls);
+                let header = r.config.send_proxy_protocol;
+                health::spawn_checks(net, &pool, r.pool.backends(), check, &stopped, tls, header);
             }
             let every = Duration::from_millis(r.config.balancing.resolve_interval_ms);
             balancer::spawn_resolver(net, &pool, r.pool.backends(), every, &stopped);

@@ -583,3 +583,99 @@ fn websocket_hash_keys_keep_a_room_a_cookie_or_a_header_on_one_backend() {
         );
     }
 }
+
+/// A backend that requires a PROXY header on every connection, as one behind a proxy with
+/// `send_proxy_protocol` may: health probes (a header with no addresses: `UNKNOWN`, `LOCAL`)
+/// are answered 200, client connections are echoed, anything without a header gets 400.
+struct ProxyOnly {
+    addr: SocketAddr,
+    probes: Arc<AtomicUsize>,
+    rejected: Arc<AtomicUsize>,
+}
+
+impl ProxyOnly {
+    fn start() -> ProxyOnly {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (probes, rejected) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (p, r) = (probes.clone(), rejected.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming().map_while(Result::ok) {
+                let (p, r) = (p.clone(), r.clone());
+                std::thread::spawn(move || {
+                    smol::block_on(async {
+                        use futures_lite::{AsyncReadExt, AsyncWriteExt};
+                        let mut s = async_net::TcpStream::try_from(stream).unwrap();
+                        match portcullis::proxy_protocol::read_header(&mut s).await {
+                            Err(_) => {
+                                r.fetch_add(1, Ordering::SeqCst);
+                                let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
+                            }
+                            Ok((None, mut head)) => {
+                                let mut buf = [0u8; 1024];
+                                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                                    match s.read(&mut buf).await {
+                                        Ok(0) | Err(_) => return,
+                                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                                    }
+                                }
+                                if head.starts_with(b"GET /health ") {
+                                    p.fetch_add(1, Ordering::SeqCst);
+                                    let _ = s
+                                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                                        .await;
+                                }
+                            }
+                            Ok((Some(_), rest)) => {
+                                let _ = s.write_all(&rest).await;
+                                let mut r = s.clone();
+                                let _ = futures_lite::io::copy(&mut r, &mut s).await;
+                            }
+                        }
+                        let _ = s.close().await;
+                    })
+                });
+            }
+        });
+        ProxyOnly {
+            addr,
+            probes,
+            rejected,
+        }
+    }
+}
+
+#[test]
+fn health_checks_send_a_proxy_header_to_backends_that_require_one() {
+    let check =
+        "interval_ms = 30\ntimeout_ms = 500\nhealthy_threshold = 2\nunhealthy_threshold = 2\n";
+    for version in ["v1", "v2"] {
+        let backend = ProxyOnly::start();
+        let proxy = serve_tcp(&format!(
+            "[[tcp_proxy]]\nlisten = \"127.0.0.1:0\"\nsend_proxy_protocol = \"{version}\"\n\
+             backends = [\"{}\"]\n\n[tcp_proxy.health_check]\nkind = \"http\"\npath = \"/health\"\n{check}",
+            backend.addr
+        ));
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            backend.probes.load(Ordering::SeqCst) >= 3,
+            "{version}: the probes pass"
+        );
+        assert_eq!(backend.rejected.load(Ordering::SeqCst), 0, "{version}");
+        // Failing probes would have taken the only backend out by now.
+        echo(proxy, b"still served").unwrap();
+
+        let backend = ProxyOnly::start();
+        let _ws = serve_ws(&format!(
+            "[[ws_proxy]]\nlisten = \"127.0.0.1:0\"\nsend_proxy_protocol = \"{version}\"\n\
+             backends = [\"{}\"]\n\n[ws_proxy.health_check]\nkind = \"http\"\npath = \"/health\"\n{check}",
+            backend.addr
+        ));
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            backend.probes.load(Ordering::SeqCst) >= 3,
+            "{version}: the WebSocket section's probes pass too"
+        );
+        assert_eq!(backend.rejected.load(Ordering::SeqCst), 0, "{version}");
+    }
+}
