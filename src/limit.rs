@@ -499,20 +499,23 @@ where
         metrics: &crate::metrics::Section,
     ) {
         let max_age = self.max_age;
+        // What the connection moved before the tunnel (the backend's 101 head, passed on), and
+        // from here on the tunnel's bytes as they go.
+        metrics.relayed(self.log.up, self.log.down);
         let (up, down) = (&mut self.to_backend, &mut self.to_client);
         let (report, cut) = match (&mut self.client, &mut self.upstream) {
             (crate::tls::Stream::Plain(client), crate::tls::Stream::Plain(upstream)) => {
                 let mut relay = crate::relay::Relay::new(client, upstream)
                     .pending(std::mem::take(up), std::mem::take(down))
                     .splice();
-                run_tunnel(net, &mut relay, admission, max_age).await
+                run_tunnel(net, &mut relay, admission, max_age, metrics).await
             }
             // TLS on either side: the copying relay, over the TLS streams.
             #[cfg(feature = "tls")]
             (client, upstream) => {
                 let mut relay = crate::relay::Relay::new(client, upstream)
                     .pending(std::mem::take(up), std::mem::take(down));
-                run_tunnel(net, &mut relay, admission, max_age).await
+                run_tunnel(net, &mut relay, admission, max_age, metrics).await
             }
         };
         let log = &mut self.log;
@@ -520,7 +523,7 @@ where
         log.down += report.backend_to_client;
         log.end = cut.map_or_else(|| crate::tcp::ending(&report), str::to_string);
         log.duration_ms = net.now().duration_since(self.started).as_millis() as u64;
-        log.closed(metrics);
+        log.closed_counted(metrics);
     }
 }
 
@@ -531,6 +534,7 @@ pub(crate) async fn run_tunnel<N, C, B>(
     relay: &mut crate::relay::Relay<'_, C, B>,
     admission: &Admission,
     max_age: Option<Duration>,
+    metrics: &crate::metrics::Section,
 ) -> (crate::relay::Report, Option<&'static str>)
 where
     N: crate::net::Net,
@@ -553,9 +557,17 @@ where
         .as_ref()
         .map(|p| Box::pin(watchdog(net, p, idle, max_age)));
     let mut drain = std::pin::pin!(deadline.map(|d| d.recv()));
+    // The bytes already given to the metrics.
+    let mut counted = (0, 0);
     // One relay, polled in place, and whatever may cut it.
     std::future::poll_fn(|cx| {
-        if let Poll::Ready(report) = Pin::new(&mut *relay).poll(cx) {
+        let polled = Pin::new(&mut *relay).poll(cx);
+        let moved = relay.moved();
+        if moved != counted {
+            metrics.relayed(moved.0 - counted.0, moved.1 - counted.1);
+            counted = moved;
+        }
+        if let Poll::Ready(report) = polled {
             return Poll::Ready((report, None));
         }
         let mut why = None;

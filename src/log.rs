@@ -106,6 +106,12 @@ impl Access {
         metrics.closed(self);
     }
 
+    /// [`closed`](Self::closed) for a tunnel whose bytes the metrics counted as they went.
+    pub(crate) fn closed_counted(&self, metrics: &crate::metrics::Section) {
+        self.write("closed");
+        metrics.ended(self);
+    }
+
     /// Writes the line for a tunnel that just opened, when `log_open` is on.
     pub(crate) fn opened(&self) {
         if LOG_OPEN.load(std::sync::atomic::Ordering::Relaxed) {

@@ -182,8 +182,24 @@ impl Section {
 
     /// A connection ended as `access` says: its bytes and how it ended.
     pub(crate) fn closed(&self, access: &Access) {
-        self.to_backend.fetch_add(access.up, Ordering::Relaxed);
-        self.to_client.fetch_add(access.down, Ordering::Relaxed);
+        self.relayed(access.up, access.down);
+        self.ended(access);
+    }
+
+    /// Bytes moved by a tunnel still open, counted as they go, so that a tunnel open for hours
+    /// shows its traffic while it flows rather than all of it when it closes.
+    pub(crate) fn relayed(&self, to_backend: u64, to_client: u64) {
+        if to_backend > 0 {
+            self.to_backend.fetch_add(to_backend, Ordering::Relaxed);
+        }
+        if to_client > 0 {
+            self.to_client.fetch_add(to_client, Ordering::Relaxed);
+        }
+    }
+
+    /// A connection whose bytes are already counted ([`relayed`](Self::relayed)) ended as
+    /// `access` says.
+    pub(crate) fn ended(&self, access: &Access) {
         *self
             .labelled()
             .ends
@@ -413,7 +429,7 @@ const FAMILIES: [(&str, &str, &str, SeriesOf); 9] = [
     (
         "portcullis_bytes_total",
         "counter",
-        "Bytes relayed by connections that have ended, each way.",
+        "Bytes relayed each way, counted as they are relayed.",
         |s| {
             let each = [("to_backend", &s.to_backend), ("to_client", &s.to_client)];
             let count = |(direction, n): (&str, &AtomicU64)| {

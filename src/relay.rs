@@ -381,6 +381,11 @@ where
         self.report(result)
     }
 
+    /// The bytes moved so far: client to backend, backend to client.
+    pub(crate) fn moved(&self) -> (u64, u64) {
+        (self.up.moved, self.down.moved)
+    }
+
     fn report(&self, result: Result<(), (Side, io::Error)>) -> Report {
         Report {
             client_to_backend: self.up.moved,

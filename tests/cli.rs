@@ -863,6 +863,31 @@ fn the_admin_endpoint_serves_metrics_that_match_the_traffic_and_readiness() {
     tunnel.write_all(b"hello").unwrap();
     let mut echoed = [0u8; 5];
     tunnel.read_exact(&mut echoed).unwrap();
+    // Bytes count while the tunnel is open, not only once it ends (a tunnel open for hours
+    // would show none of its traffic until then).
+    let chat_bytes = |text: &str| {
+        let samples = parse_prometheus(text);
+        let bytes = |dir: &str| {
+            let series = format!(
+                "portcullis_bytes_total{{kind=\"ws\",section=\"chat\",direction=\"{dir}\"}}"
+            );
+            samples.iter().find(|(s, _)| *s == series).map(|(_, v)| *v)
+        };
+        (bytes("to_backend"), bytes("to_client"))
+    };
+    let open_tunnel = (Some(5.0), Some(5.0 + head.len() as f64));
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let counted = chat_bytes(&admin_get(admin, "GET", "/metrics").1);
+        if counted == open_tunnel {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "bytes of the open tunnel counted: {counted:?}, want {open_tunnel:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     tunnel.shutdown(Shutdown::Write).unwrap();
     let _ = tunnel.read_to_end(&mut Vec::new());
     drop(tunnel);
