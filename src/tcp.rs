@@ -306,20 +306,21 @@ impl Flow {
 
     /// A TLS listener's handshake, or an `sni_route` listener's peek at the ClientHello:
     /// the client's stream, the bytes that belong to the tunnel, and the server name the
-    /// client asked for. `None` when the connection ends here (logged and counted).
+    /// client asked for. `Err(end)` when the connection ends here (warned and counted; `end`
+    /// for its access line).
     async fn open<N: Net>(
         &self,
         net: &N,
         mut client: N::Stream,
         early: Vec<u8>,
         peer: SocketAddr,
-    ) -> Option<(tls::Stream<N::Stream>, Vec<u8>, Option<String>)> {
+    ) -> Result<(tls::Stream<N::Stream>, Vec<u8>, Option<String>), String> {
         let limit = TLS_HANDSHAKE_TIMEOUT;
         if let Some(acceptor) = &self.acceptor {
             return match tls::accept(net, acceptor, client, early, limit).await {
                 Ok(Ok(stream)) => {
                     let name = stream.server_name().map(str::to_string);
-                    Some((stream, Vec::new(), name))
+                    Ok((stream, Vec::new(), name))
                 }
                 Ok(Err((mut client, _))) => {
                     warn!(
@@ -328,7 +329,7 @@ impl Flow {
                     );
                     self.metrics.tls_handshake_failed("not_tls");
                     let _ = net::timeout(net, limit, client.close()).await;
-                    None
+                    Err("refused: not TLS, to a TLS listener".into())
                 }
                 Err(e) => {
                     let reason = tls::failure_reason(&e);
@@ -337,12 +338,12 @@ impl Flow {
                         self.name
                     );
                     self.metrics.tls_handshake_failed(reason);
-                    None
+                    Err(format!("client TLS handshake failed: {reason}"))
                 }
             };
         }
         if self.sni.is_empty() {
-            return Some((tls::Stream::Plain(client), early, None));
+            return Ok((tls::Stream::Plain(client), early, None));
         }
         match net::timeout(net, limit, tls::peek_sni(&mut client, early)).await {
             Ok((hello, bytes)) => {
@@ -351,14 +352,14 @@ impl Flow {
                     // Not TLS: no name to route by, so the section's own backends.
                     _ => None,
                 };
-                Some((tls::Stream::Plain(client), bytes, name))
+                Ok((tls::Stream::Plain(client), bytes, name))
             }
             Err(e) => {
                 warn!(
                     "tcp name={} client={peer} closed: no ClientHello to route by: {e}",
                     self.name
                 );
-                None
+                Err(format!("client sent no ClientHello to route by: {e}"))
             }
         }
     }
@@ -423,8 +424,22 @@ impl Flow {
             .and_then(|_| net.local_addr(&client).ok());
         // Boxed, as the connect below: the TLS handshake's and the connect's state (several
         // KiB with TLS) is freed when the tunnel opens, rather than kept for its whole life.
+        let mut access = Access {
+            kind: "tcp",
+            section: self.name.clone(),
+            client: Some(peer),
+            ..Access::default()
+        };
         let opened = Box::pin(self.open(&net, client, early, peer)).await;
-        let (client, early, server_name) = opened?;
+        let (client, early, server_name) = match opened {
+            Ok(opened) => opened,
+            Err(end) => {
+                access.end = end;
+                access.duration_ms = net.now().duration_since(started).as_millis() as u64;
+                access.closed(&self.metrics);
+                return None;
+            }
+        };
         let pool = server_name
             .as_deref()
             .and_then(|n| self.sni.iter().find(|(p, _)| tls::name_matches(p, n)))
@@ -483,12 +498,6 @@ impl Flow {
                 }
             }
         }
-        let mut access = Access {
-            kind: "tcp",
-            section: self.name.clone(),
-            client: Some(peer),
-            ..Access::default()
-        };
         let Some((upstream, lease)) = connected else {
             access.duration_ms = net.now().duration_since(started).as_millis() as u64;
             access.end = if exhausted {

@@ -684,6 +684,56 @@ fn an_expired_or_wrong_host_backend_certificate_gives_502_and_says_why() {
 }
 
 #[test]
+fn a_tcp_section_logs_an_access_line_for_a_client_whose_tls_handshake_fails() {
+    run(async {
+        let ca = Ca::new("tcp-tls-fail");
+        let leaf = ca.leaf(&["localhost"], "proxy", Kind::Server);
+        let backend = echo().await;
+        let file = ca.dir.join("portcullis.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "[[tcp_proxy]]\nname = \"secure\"\nlisten = \"127.0.0.1:0\"\nbackends = [\"{backend}\"]\n\
+                 tls = {{ cert = \"{}\", key = \"{}\" }}\n",
+                leaf.cert, leaf.key
+            ),
+        )
+        .unwrap();
+        let binary = Binary::start(&file);
+        let line = binary.wait_for("listening kind=tcp");
+        let addr: SocketAddr = line
+            .split("addr=")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+
+        // Plain bytes to the TLS listener.
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"hello, plain\r\n").await.unwrap();
+        let _ = s.read_to_end(&mut Vec::new()).await;
+        let line = binary.wait_for("event=closed");
+        assert!(line.contains("section=secure"), "{line}");
+        assert!(
+            line.contains("end=\"refused: not TLS, to a TLS listener\""),
+            "{line}"
+        );
+
+        // A client that does not trust the proxy's certificate gives up on the handshake.
+        let stranger = Ca::new("tcp-tls-stranger");
+        assert!(tls_connect(addr, &stranger, "localhost").await.is_err());
+        let line = binary.wait_for("event=closed");
+        assert!(
+            line.contains("end=\"client TLS handshake failed: "),
+            "{line}"
+        );
+    });
+}
+
+#[test]
 fn renewed_certificates_are_served_after_sighup_and_open_tunnels_go_on() {
     run(async {
         let ca = Ca::new("reload");
