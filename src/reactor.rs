@@ -116,10 +116,19 @@ impl Source {
             return Poll::Ready((d.tick, d.fin));
         }
         match &d.waker {
-            Some(w) if w.will_wake(cx.waker()) => {}
-            _ => d.waker = Some(cx.waker().clone()),
+            Some(w) if w.will_wake(cx.waker()) => Poll::Pending,
+            _ => {
+                // One task waits per direction; one that takes the slot from another (a clone
+                // of the stream read from two tasks) wakes it, so it can check again rather
+                // than wait for good, as async-io does.
+                let before = d.waker.replace(cx.waker().clone());
+                drop(state);
+                if let Some(w) = before {
+                    w.wake();
+                }
+                Poll::Pending
+            }
         }
-        Poll::Pending
     }
 
     /// Marks direction `dir` not ready, unless an event came since `tick` was read.
@@ -453,6 +462,40 @@ mod tests {
         );
         let again = try_read(&mut inside);
         assert!(again.is_err(), "a reset read as a clean end: {again:?}");
+    }
+
+    #[test]
+    fn two_tasks_reading_clones_of_one_stream_both_get_their_bytes() {
+        use futures_lite::AsyncReadExt;
+        let (mut outside, inside) = pair();
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            outside.write_all(b"1").unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+            outside.write_all(b"2").unwrap();
+            outside
+        });
+        // Two tasks (two wakers) waiting on the same direction of one socket.
+        let ex = smol::Executor::new();
+        let reader = |mut s: crate::SmolStream| async move {
+            let mut buf = [0u8; 1];
+            s.read_exact(&mut buf).await.map(|_| buf[0])
+        };
+        let a = ex.spawn(reader(inside.clone()));
+        let b = ex.spawn(reader(inside));
+        let both = ex.run(futures_lite::future::zip(a, b));
+        let got = smol::block_on(futures_lite::future::or(
+            async { Some(both.await) },
+            async {
+                smol::Timer::after(Duration::from_secs(2)).await;
+                None
+            },
+        ));
+        let (x, y) = got.expect("a reader left waiting");
+        let mut got = [x.unwrap(), y.unwrap()];
+        got.sort();
+        assert_eq!(&got, b"12");
+        drop(writer.join());
     }
 
     #[test]
