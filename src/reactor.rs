@@ -69,8 +69,9 @@ pub(crate) struct Source {
 
 impl Source {
     /// Registers `stream` (non-blocking already). `readable` and `writable` say whether to try
-    /// an operation before any event came: yes for a fresh stream, no for the write side of a
-    /// connect still under way.
+    /// an operation before any event came: yes for an accepted stream, no for a connect still
+    /// under way. (Registering reports what is ready already, so no is never wrong, only
+    /// slower by one collection.)
     pub(crate) fn new(stream: TcpStream, readable: bool, writable: bool) -> io::Result<Arc<Self>> {
         let reactor = reactor()?;
         let source = Arc::new_cyclic(|me| Source {
