@@ -88,6 +88,8 @@ pub(crate) struct Access {
     pub path: Option<String>,
     /// The HTTP status the client got (WebSocket).
     pub status: Option<u16>,
+    /// The TLS version the client's connection speaks, when TLS ends here (`TLSv1.3`).
+    pub tls: Option<&'static str>,
     /// Bytes to the backend and to the client.
     pub up: u64,
     pub down: u64,
@@ -135,6 +137,7 @@ impl Access {
         opt("backend", self.backend.clone(), true);
         opt("path", self.path.clone(), true);
         opt("status", self.status.map(|s| s.to_string()), false);
+        opt("tls", self.tls.map(str::to_string), true);
         fields.push(("up", self.up.to_string(), false));
         fields.push(("down", self.down.to_string(), false));
         if let Some(c) = self.connect_ms {

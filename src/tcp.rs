@@ -432,7 +432,10 @@ impl Flow {
         };
         let opened = Box::pin(self.open(&net, client, early, peer)).await;
         let (client, early, server_name) = match opened {
-            Ok(opened) => opened,
+            Ok(opened) => {
+                access.tls = opened.0.protocol();
+                opened
+            }
             Err(end) => {
                 access.end = end;
                 access.duration_ms = net.now().duration_since(started).as_millis() as u64;

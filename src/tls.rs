@@ -78,6 +78,26 @@ impl<S> Stream<S> {
             _ => None,
         }
     }
+
+    /// The TLS version spoken, as nginx's `$ssl_protocol` names it (`TLSv1.3`); `None` for a
+    /// plain stream, or before the handshake.
+    pub fn protocol(&self) -> Option<&'static str> {
+        #[cfg(feature = "tls")]
+        {
+            let version = match self {
+                Stream::Server(s) => s.get_ref().1.protocol_version(),
+                Stream::Client(s) => s.get_ref().1.protocol_version(),
+                Stream::Plain(_) => None,
+            };
+            match version? {
+                rustls::ProtocolVersion::TLSv1_3 => Some("TLSv1.3"),
+                rustls::ProtocolVersion::TLSv1_2 => Some("TLSv1.2"),
+                _ => Some("TLS"),
+            }
+        }
+        #[cfg(not(feature = "tls"))]
+        None
+    }
 }
 
 macro_rules! each {

@@ -411,7 +411,10 @@ impl Flow {
             Some(acceptor) => {
                 let limit = self.read_timeout;
                 match Box::pin(tls::accept(&net, acceptor, client, early, limit)).await {
-                    Ok(Ok(stream)) => (stream, Vec::new()),
+                    Ok(Ok(stream)) => {
+                        log.tls = stream.protocol();
+                        (stream, Vec::new())
+                    }
                     Ok(Err((mut plain, _))) => {
                         warn!("ws name={} client={peer} TLS handshake failed (not_tls): the client speaks plain HTTP to a TLS listener", self.name);
                         self.metrics.tls_handshake_failed("not_tls");

@@ -684,7 +684,7 @@ fn an_expired_or_wrong_host_backend_certificate_gives_502_and_says_why() {
 }
 
 #[test]
-fn a_tcp_section_logs_an_access_line_for_a_client_whose_tls_handshake_fails() {
+fn a_tcp_sections_access_lines_name_the_tls_version_and_failed_handshakes() {
     run(async {
         let ca = Ca::new("tcp-tls-fail");
         let leaf = ca.leaf(&["localhost"], "proxy", Kind::Server);
@@ -730,6 +730,19 @@ fn a_tcp_section_logs_an_access_line_for_a_client_whose_tls_handshake_fails() {
             line.contains("end=\"client TLS handshake failed: "),
             "{line}"
         );
+
+        // A client served over TLS: its line says which version.
+        let mut tls = tls_connect(addr, &ca, "localhost").await.unwrap();
+        tls.write_all(b"hi").await.unwrap();
+        tls.flush().await.unwrap();
+        let mut back = [0u8; 2];
+        tls.read_exact(&mut back).await.unwrap();
+        tls.close().await.unwrap();
+        let _ = tls.read_to_end(&mut Vec::new()).await;
+        drop(tls);
+        let line = binary.wait_for("event=closed");
+        assert!(line.contains("tls=TLSv1.3"), "{line}");
+        assert!(line.contains("up=2 down=2"), "{line}");
     });
 }
 
