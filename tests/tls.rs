@@ -799,6 +799,13 @@ fn renewed_certificates_are_served_after_sighup_and_open_tunnels_go_on() {
             .unwrap();
         round_trip(&mut fresh, "after the reload").await;
         round_trip(&mut open, "the open tunnel goes on").await;
+        // The access line of a wss tunnel names its TLS version.
+        fresh.close(None).await.unwrap();
+        while fresh.next().await.is_some() {}
+        drop(fresh);
+        let line = binary.wait_for("event=closed");
+        assert!(line.contains("kind=ws"), "{line}");
+        assert!(line.contains("tls=TLSv1.3"), "{line}");
     });
 }
 
