@@ -649,33 +649,28 @@ impl ProxyOnly {
 fn health_checks_send_a_proxy_header_to_backends_that_require_one() {
     let check =
         "interval_ms = 30\ntimeout_ms = 500\nhealthy_threshold = 2\nunhealthy_threshold = 2\n";
+    type Serve = fn(&str) -> SocketAddr;
+    let kinds: [(&str, Serve); 2] = [("tcp_proxy", serve_tcp), ("ws_proxy", serve_ws)];
     for version in ["v1", "v2"] {
-        let backend = ProxyOnly::start();
-        let proxy = serve_tcp(&format!(
-            "[[tcp_proxy]]\nlisten = \"127.0.0.1:0\"\nsend_proxy_protocol = \"{version}\"\n\
-             backends = [\"{}\"]\n\n[tcp_proxy.health_check]\nkind = \"http\"\npath = \"/health\"\n{check}",
-            backend.addr
-        ));
-        std::thread::sleep(Duration::from_millis(300));
-        assert!(
-            backend.probes.load(Ordering::SeqCst) >= 3,
-            "{version}: the probes pass"
-        );
-        assert_eq!(backend.rejected.load(Ordering::SeqCst), 0, "{version}");
-        // Failing probes would have taken the only backend out by now.
-        echo(proxy, b"still served").unwrap();
-
-        let backend = ProxyOnly::start();
-        let _ws = serve_ws(&format!(
-            "[[ws_proxy]]\nlisten = \"127.0.0.1:0\"\nsend_proxy_protocol = \"{version}\"\n\
-             backends = [\"{}\"]\n\n[ws_proxy.health_check]\nkind = \"http\"\npath = \"/health\"\n{check}",
-            backend.addr
-        ));
-        std::thread::sleep(Duration::from_millis(300));
-        assert!(
-            backend.probes.load(Ordering::SeqCst) >= 3,
-            "{version}: the WebSocket section's probes pass too"
-        );
-        assert_eq!(backend.rejected.load(Ordering::SeqCst), 0, "{version}");
+        for (section, serve) in kinds {
+            let backend = ProxyOnly::start();
+            let proxy = serve(&format!(
+                "[[{section}]]\nlisten = \"127.0.0.1:0\"\nsend_proxy_protocol = \"{version}\"\n\
+                 backends = [\"{}\"]\n\n[{section}.health_check]\nkind = \"http\"\npath = \"/health\"\n{check}",
+                backend.addr
+            ));
+            std::thread::sleep(Duration::from_millis(300));
+            let probes = backend.probes.load(Ordering::SeqCst);
+            assert!(probes >= 3, "{section} {version}: {probes} probes passed");
+            assert_eq!(
+                backend.rejected.load(Ordering::SeqCst),
+                0,
+                "{section} {version}"
+            );
+            if section == "tcp_proxy" {
+                // Failing probes would have taken the only backend out by now.
+                echo(proxy, b"still served").unwrap();
+            }
+        }
     }
 }
