@@ -127,7 +127,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Stream<S> {
         cx: &mut Context<'_>,
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
-        each!(self, s => s.poll_read(cx, buf))
+        let tls = self.is_tls();
+        match each!(self, s => s.poll_read(cx, buf)) {
+            // A peer that closes its connection without TLS's close_notify has ended its stream
+            // all the same (many clients do, after a WebSocket close handshake): an end, as
+            // nginx takes it (OpenSSL's IGNORE_UNEXPECTED_EOF), not a client error. Whoever
+            // needs to know a body is whole has its own framing for it.
+            Poll::Ready(Err(e)) if tls && e.kind() == io::ErrorKind::UnexpectedEof => {
+                Poll::Ready(Ok(0))
+            }
+            polled => polled,
+        }
     }
 }
 
