@@ -451,9 +451,8 @@ pub(crate) fn splice_enabled() -> bool {
     *ENABLED.get_or_init(|| std::env::var_os("PORTCULLIS_SPLICE").is_none_or(|v| v != "0"))
 }
 
-/// One direction between two plain sockets: reads that ask the reactor only once a read has
-/// drained the socket, and bulk bytes moved with splice(2) (socket → pipe → socket, never
-/// copied into user space).
+/// One direction between two plain sockets: bulk bytes moved with splice(2) (socket → pipe →
+/// socket, never copied into user space).
 #[cfg(target_os = "linux")]
 mod splice {
     use std::cell::RefCell;
@@ -538,16 +537,6 @@ mod splice {
                 pipe: None,
                 in_pipe: 0,
             }
-        }
-
-        /// Reads from `src` into `buf` like `AsyncRead::poll_read`: after a short read, the
-        /// next read waits for the socket's next event instead of failing with EAGAIN first.
-        pub(crate) fn poll_read(
-            &mut self,
-            cx: &mut Context<'_>,
-            buf: &mut [u8],
-        ) -> Poll<io::Result<usize>> {
-            self.src.poll_read(cx, buf)
         }
 
         /// Moves one chunk: `Ready(Ok(n))` after writing `n > 0` bytes to `dst`, `Ready(Ok(0))`

@@ -8,10 +8,8 @@
 //!
 //! An idle tunnel holds no buffer: reads go into the executor thread's scratch buffer and are
 //! written straight out of it, and a direction owns a buffer only while its writer is slower than
-//! its reader. With [`Relay::splice`], two plain sockets on Linux are read without the read that
-//! fails with EAGAIN after each message (a short read waits for the reactor instead), and bulk
-//! data is joined with splice(2) through a pipe that is held only while bytes are in it (see
-//! `net::Splicer`).
+//! its reader. With [`Relay::splice`], bulk data between two plain sockets on Linux is joined with
+//! splice(2) through a pipe that is held only while bytes are in it (see `net::Splicer`).
 
 use std::fmt;
 use std::future::Future;
@@ -107,8 +105,7 @@ struct Direction {
     closed: bool,
     /// Bytes written so far.
     moved: u64,
-    /// Both peers are plain sockets: reads wait for the reactor after a short read, and bulk
-    /// bytes may go through a pipe with splice(2) instead.
+    /// Both peers are plain sockets: bulk bytes may go through a pipe with splice(2).
     #[cfg(target_os = "linux")]
     splice: Option<crate::net::Splicer>,
     /// The direction has moved bulk data, so it splices from then on: set when a copying read
@@ -231,14 +228,7 @@ impl Direction {
                 }
                 let mut scratch = Scratch::take();
                 let buf = scratch.buf();
-                #[cfg(target_os = "linux")]
-                let read = match &mut self.splice {
-                    Some(plain) => plain.poll_read(cx, buf),
-                    None => r.as_mut().poll_read(cx, buf),
-                };
-                #[cfg(not(target_os = "linux"))]
-                let read = r.as_mut().poll_read(cx, buf);
-                match read {
+                match r.as_mut().poll_read(cx, buf) {
                     Poll::Ready(Ok(0)) => self.eof = true,
                     Poll::Ready(Ok(n)) => {
                         // Straight out of the scratch buffer; only what the writer cannot take
@@ -345,9 +335,8 @@ where
         self
     }
 
-    /// On Linux, when both peers are plain sockets of [`SmolNet`](crate::SmolNet), reads each
-    /// socket again only once the reactor says it has bytes (after a read that drained it), and
-    /// moves bulk bytes with splice(2) through a pipe, never copying them into user space; the
+    /// On Linux, when both peers are plain sockets of [`SmolNet`](crate::SmolNet), moves bulk
+    /// bytes with splice(2) through a pipe, never copying them into user space; the
     /// semantics (half-close, counts, progress, which side failed) stay the same. Any other
     /// stream (the simulator's, a test's, a TLS stream) keeps the plain copying relay.
     /// `PORTCULLIS_SPLICE=0` in the environment turns splice(2) off.
