@@ -111,6 +111,10 @@ pub async fn timeout<N: Net, T>(
 #[derive(Clone)]
 pub struct SmolNet {
     executor: Arc<smol::Executor<'static>>,
+    /// Its executor runs on `reactor::block_on` threads, which fire the reactor's timers: its
+    /// sleeps are those, not async-io's.
+    #[cfg(target_os = "linux")]
+    driven: bool,
 }
 
 impl SmolNet {
@@ -128,8 +132,21 @@ impl SmolNet {
         // a process's descriptors at rest are all there from the start. (Failing here, it is
         // tried again at the first stream, which then fails if it fails again.)
         #[cfg(target_os = "linux")]
-        crate::reactor::start();
-        SmolNet { executor }
+        let _ = crate::reactor::start();
+        SmolNet {
+            executor,
+            #[cfg(target_os = "linux")]
+            driven: false,
+        }
+    }
+
+    /// A runtime whose executor is run only by `reactor::block_on` threads.
+    #[cfg(target_os = "linux")]
+    pub(crate) fn driven(executor: Arc<smol::Executor<'static>>) -> Self {
+        SmolNet {
+            executor,
+            driven: true,
+        }
     }
 }
 
@@ -164,9 +181,7 @@ fn listen(addr: &str, reuse_port: bool) -> io::Result<SmolListener> {
             Ok::<_, io::Error>(std::net::TcpListener::from(fd))
         })();
         match bound {
-            Ok(listener) => {
-                return async_net::TcpListener::try_from(listener).map(SmolListener::new)
-            }
+            Ok(listener) => return SmolListener::registered(listener),
             Err(e) => last = e,
         }
     }
@@ -319,16 +334,63 @@ impl fmt::Debug for SmolNet {
     }
 }
 
-/// A listener of [`SmolNet`]: an `async_net::TcpListener` that sets `TCP_NODELAY` on every
-/// accepted stream, because a proxy that holds back small writes adds a round trip to every
-/// message (Nagle's algorithm against delayed ACKs).
+/// A listener of [`SmolNet`]: a listening socket that sets `TCP_NODELAY` on every accepted
+/// stream, because a proxy that holds back small writes adds a round trip to every message
+/// (Nagle's algorithm against delayed ACKs). On Linux it is registered with the streams'
+/// reactor (edge-triggered, so waiting for the next connection costs no system call).
 #[derive(Debug)]
-pub struct SmolListener(Arc<smol::Async<std::net::TcpListener>>);
+pub struct SmolListener(ListenIo);
+
+#[derive(Debug)]
+enum ListenIo {
+    #[cfg(target_os = "linux")]
+    Reactor(Arc<crate::reactor::Source<std::net::TcpListener>>),
+    AsyncIo(Arc<smol::Async<std::net::TcpListener>>),
+}
 
 impl SmolListener {
     /// Wraps an already-bound listener, e.g. one bound to port 0 by a test.
     pub fn new(listener: async_net::TcpListener) -> Self {
-        SmolListener(listener.into())
+        let listener: Arc<smol::Async<std::net::TcpListener>> = listener.into();
+        #[cfg(target_os = "linux")]
+        let listener = match Arc::try_unwrap(listener) {
+            // Out of async-io's reactor and into ours.
+            Ok(only) => match only.into_inner().and_then(SmolListener::registered) {
+                Ok(ours) => return ours,
+                Err(e) => return SmolListener::failed(e),
+            },
+            Err(shared) => shared,
+        };
+        SmolListener(ListenIo::AsyncIo(listener))
+    }
+
+    /// Registers a bound, listening socket.
+    fn registered(listener: std::net::TcpListener) -> io::Result<Self> {
+        listener.set_nonblocking(true)?;
+        #[cfg(target_os = "linux")]
+        return crate::reactor::Source::new(listener, true, false)
+            .map(|source| SmolListener(ListenIo::Reactor(source)));
+        #[cfg(not(target_os = "linux"))]
+        smol::Async::new(listener).map(|l| SmolListener(ListenIo::AsyncIo(Arc::new(l))))
+    }
+
+    /// (`new` cannot fail, so a listener that could not be moved is one whose accepts fail.)
+    #[cfg(target_os = "linux")]
+    fn failed(e: io::Error) -> Self {
+        crate::log::warn!("cannot register a listener: {e}");
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").and_then(smol::Async::new);
+        match closed {
+            Ok(l) => SmolListener(ListenIo::AsyncIo(Arc::new(l))),
+            Err(_) => panic!("cannot register a listener: {e}"),
+        }
+    }
+
+    fn get_ref(&self) -> &std::net::TcpListener {
+        match &self.0 {
+            #[cfg(target_os = "linux")]
+            ListenIo::Reactor(source) => source.get_ref(),
+            ListenIo::AsyncIo(listener) => listener.get_ref(),
+        }
     }
 }
 
@@ -347,19 +409,27 @@ impl Listener for SmolListener {
         // non-blocking, as async_net's accept does (one system call less per connection).
         use rustix::net::SocketFlags;
         let flags = SocketFlags::NONBLOCK | SocketFlags::CLOEXEC;
+        let accept = |l: &std::net::TcpListener| {
+            rustix::net::acceptfrom_with(l, flags).map_err(io::Error::from)
+        };
         let (fd, peer) = loop {
-            match rustix::net::acceptfrom_with(self.0.get_ref(), flags) {
+            let accepted = match &self.0 {
+                #[cfg(target_os = "linux")]
+                ListenIo::Reactor(source) => {
+                    std::future::poll_fn(|cx| source.poll_io(crate::reactor::READ, cx, accept))
+                        .await
+                }
+                ListenIo::AsyncIo(listener) => listener.read_with(accept).await,
+            };
+            match accepted {
                 Ok((fd, Some(peer))) => match SocketAddr::try_from(peer) {
                     Ok(peer) => break (fd, peer),
                     // Not an IP peer on a TCP listener: not one to serve.
                     Err(_) => continue,
                 },
                 Ok((_, None)) => continue,
-                Err(rustix::io::Errno::INTR) => {}
-                Err(rustix::io::Errno::AGAIN) => {
-                    std::future::poll_fn(|cx| self.0.poll_readable(cx)).await?
-                }
-                Err(e) => return Err(e.into()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
             }
         };
         let stream = std::net::TcpStream::from(fd);
@@ -370,13 +440,14 @@ impl Listener for SmolListener {
 
     #[cfg(not(unix))]
     async fn accept(&self) -> io::Result<(Self::Stream, SocketAddr)> {
-        let (stream, peer) = self.0.read_with(|l| l.accept()).await?;
+        let ListenIo::AsyncIo(listener) = &self.0;
+        let (stream, peer) = listener.read_with(|l| l.accept()).await?;
         let _ = stream.set_nodelay(true);
         Ok((SmolStream(Arc::new(smol::Async::new(stream)?)), peer))
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.0.get_ref().local_addr()
+        self.get_ref().local_addr()
     }
 }
 
@@ -388,7 +459,9 @@ impl Net for SmolNet {
         #[cfg(unix)]
         return listen(addr, false);
         #[cfg(not(unix))]
-        async_net::TcpListener::bind(addr).await.map(SmolListener)
+        async_net::TcpListener::bind(addr)
+            .await
+            .map(SmolListener::new)
     }
 
     async fn connect(&self, addr: &str) -> io::Result<SmolStream> {
@@ -408,6 +481,10 @@ impl Net for SmolNet {
     }
 
     async fn sleep(&self, d: Duration) {
+        #[cfg(target_os = "linux")]
+        if self.driven {
+            return crate::reactor::Sleep::new(d).await;
+        }
         smol::Timer::after(d).await;
     }
 

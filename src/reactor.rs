@@ -1,28 +1,41 @@
-//! Edge-triggered readiness for the TCP streams of [`SmolNet`](crate::SmolNet), on Linux.
+//! Edge-triggered readiness for the sockets of [`SmolNet`](crate::SmolNet), on Linux, and
+//! the threads that wait for it.
 //!
 //! async-io registers a socket one-shot: every wait re-arms it with an `epoll_ctl`, and
 //! dropping it removes it with another. A tunnel waits once per message and direction, so
-//! that is a system call per message on top of the read and the write. Here a stream is
-//! registered once, edge-triggered, in an epoll instance of the process's own, and leaves it
-//! when its descriptor is closed, with no system call of its own.
+//! that is a system call per message on top of the read and the write. Here a socket (a
+//! stream, or a listener) is registered once, edge-triggered, in an epoll instance of the
+//! process's own, and leaves it when its descriptor is closed, with no system call of its own.
 //!
-//! That instance is itself one source of async-io's reactor. When it has events, the waker
-//! async-io calls collects them (`epoll_wait` with no timeout) and wakes the tasks of the
-//! streams that became ready, on the thread that ran the reactor, as async-io's own wakeups
-//! are: no thread and no task of its own, whatever executor runs the proxy. Under load one
-//! collection serves many streams; a lone stream pays one `epoll_wait` more per wakeup.
+//! Who waits in that instance:
+//! - The proxy's own threads ([`block_on`], which `bind` and the binary run on): they wait in
+//!   `epoll_wait` themselves, one at a time, as async-io's `block_on` waits in its reactor, and
+//!   fire the timers of [`Sleep`] (the driven `SmolNet`'s `sleep`). Each wait is one system
+//!   call, where async-io's costs five more (its timerfd set and re-armed, its eventfd read
+//!   and re-armed, this instance re-armed in it) and a second `epoll_wait` for this instance.
+//! - Anywhere else (`serve` inside an application's executor): the instance is one source of
+//!   async-io's reactor. When it has events, the waker async-io calls collects them
+//!   (`epoll_wait` with no timeout) and wakes the streams' tasks on the thread that ran the
+//!   reactor: no thread and no task of its own, whatever executor runs the proxy. While
+//!   [`block_on`] threads run, they collect instead.
 //!
-//! A stream's readiness is a flag per direction, set by an event and cleared when an
+//! A socket's readiness is a flag per direction, set by an event and cleared when an
 //! operation finds nothing (`EAGAIN`), or when a read returns less than it asked for (the
 //! socket's queue is empty, and anything that arrives later is a new edge). A counter per
 //! direction, bumped by every event, keeps an event that lands during an operation from being
 //! cleared with it.
 
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::future::Future;
 use std::io::{self, Read};
 use std::net::TcpStream;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 use std::task::{Context, Poll, Wake, Waker};
+use std::time::{Duration, Instant};
 
 use rustix::event::{epoll, Timespec};
 
@@ -34,7 +47,13 @@ pub(crate) const WRITE: usize = 1;
 /// Events collected by one `epoll_wait`; more are collected by the next.
 const BATCH: usize = 256;
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+/// The longest a thread waits in `epoll_wait` before it looks at its timers again.
+const MAX_WAIT: Duration = Duration::from_secs(60);
+
+/// The key of the reactor's own eventfd, which wakes a thread blocked in `epoll_wait`.
+const NOTIFY: u64 = u64::MAX;
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -58,24 +77,30 @@ struct Direction {
     waker: Option<Waker>,
 }
 
-/// A TCP stream registered with the reactor.
+/// A socket (a TCP stream, or a listener) registered with the reactor.
 #[derive(Debug)]
-pub(crate) struct Source {
-    stream: TcpStream,
+pub(crate) struct Source<S = TcpStream> {
+    io: S,
     /// Its slot in the reactor's table, with the slot's generation in the upper half.
     key: u64,
     state: Mutex<[Direction; 2]>,
 }
 
-impl Source {
-    /// Registers `stream` (non-blocking already). `readable` and `writable` say whether to try
+/// What an event does to a source, whatever its socket.
+trait Ready: Send + Sync {
+    /// Sets the directions `flags` makes ready and collects their wakers.
+    fn ready(&self, flags: epoll::EventFlags, wakers: &mut Vec<Waker>);
+}
+
+impl<S: AsFd + Send + Sync + 'static> Source<S> {
+    /// Registers `io` (non-blocking already). `readable` and `writable` say whether to try
     /// an operation before any event came: yes for an accepted stream, no for a connect still
     /// under way. (Registering reports what is ready already, so no is never wrong, only
     /// slower by one collection.)
-    pub(crate) fn new(stream: TcpStream, readable: bool, writable: bool) -> io::Result<Arc<Self>> {
+    pub(crate) fn new(io: S, readable: bool, writable: bool) -> io::Result<Arc<Self>> {
         let reactor = reactor()?;
-        let source = Arc::new_cyclic(|me| Source {
-            stream,
+        let source = Arc::new_cyclic(|me: &Weak<Self>| Source {
+            io,
             key: lock(&reactor.slots).insert(me.clone()),
             state: Mutex::new([
                 Direction {
@@ -91,16 +116,18 @@ impl Source {
         use epoll::EventFlags as F;
         epoll::add(
             reactor.epoll.get_ref(),
-            &source.stream,
+            &source.io,
             epoll::EventData::new_u64(source.key),
             F::IN | F::OUT | F::RDHUP | F::ET,
         )?;
         Ok(source)
     }
+}
 
+impl<S> Source<S> {
     /// The socket.
-    pub(crate) fn get_ref(&self) -> &TcpStream {
-        &self.stream
+    pub(crate) fn get_ref(&self) -> &S {
+        &self.io
     }
 
     /// `Ready(tick)` when direction `dir` may be ready; otherwise the task waits for an event.
@@ -146,20 +173,22 @@ impl Source {
         &self,
         dir: usize,
         cx: &mut Context<'_>,
-        mut op: impl FnMut(&TcpStream) -> io::Result<R>,
+        mut op: impl FnMut(&S) -> io::Result<R>,
     ) -> Poll<io::Result<R>> {
         loop {
             let Poll::Ready(tick) = self.poll_ready(dir, cx) else {
                 return Poll::Pending;
             };
-            match op(&self.stream) {
+            match op(&self.io) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.clear(dir, tick),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 done => return Poll::Ready(done),
             }
         }
     }
+}
 
+impl Source<TcpStream> {
     /// Reads into `buf`. A read that returns less than `buf` has emptied the socket's queue:
     /// the next one waits for an event instead of failing with `EAGAIN` first.
     pub(crate) fn poll_read(
@@ -174,7 +203,7 @@ impl Source {
             if fin && lock(&self.state)[READ].at_end {
                 return Poll::Ready(Ok(0));
             }
-            match (&self.stream).read(buf) {
+            match (&self.io).read(buf) {
                 Ok(n) => {
                     if n > 0 && n < buf.len() {
                         if fin {
@@ -195,8 +224,9 @@ impl Source {
             }
         }
     }
+}
 
-    /// Sets the directions `flags` makes ready and collects their wakers.
+impl<S: Send + Sync> Ready for Source<S> {
     fn ready(&self, flags: epoll::EventFlags, wakers: &mut Vec<Waker>) {
         use epoll::EventFlags as F;
         let mut state = lock(&self.state);
@@ -218,7 +248,7 @@ impl Source {
     }
 }
 
-impl Drop for Source {
+impl<S> Drop for Source<S> {
     fn drop(&mut self) {
         // The descriptor closes after this, which takes it out of the epoll instance; an event
         // already collected for it finds its slot gone or reused under a new generation.
@@ -229,23 +259,23 @@ impl Drop for Source {
 }
 
 /// The registered sources, by slot; a key is a slot and its generation.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Slots {
-    entries: Vec<(u32, Weak<Source>)>,
+    entries: Vec<(u32, Option<Weak<dyn Ready>>)>,
     free: Vec<u32>,
 }
 
 impl Slots {
-    fn insert(&mut self, source: Weak<Source>) -> u64 {
+    fn insert(&mut self, source: Weak<dyn Ready>) -> u64 {
         let slot = match self.free.pop() {
             Some(slot) => slot,
             None => {
-                self.entries.push((0, Weak::new()));
+                self.entries.push((0, None));
                 (self.entries.len() - 1) as u32
             }
         };
         let entry = &mut self.entries[slot as usize];
-        entry.1 = source;
+        entry.1 = Some(source);
         (u64::from(entry.0) << 32) | u64::from(slot)
     }
 
@@ -253,22 +283,23 @@ impl Slots {
         let slot = key as u32;
         if let Some(entry) = self.entries.get_mut(slot as usize) {
             if u64::from(entry.0) == key >> 32 {
-                *entry = (entry.0.wrapping_add(1), Weak::new());
+                *entry = (entry.0.wrapping_add(1), None);
                 self.free.push(slot);
             }
         }
     }
 
-    fn get(&self, key: u64) -> Option<Arc<Source>> {
+    fn get(&self, key: u64) -> Option<Arc<dyn Ready>> {
         let entry = self.entries.get(key as u32 as usize)?;
-        (u64::from(entry.0) == key >> 32)
-            .then(|| entry.1.upgrade())
-            .flatten()
+        if u64::from(entry.0) != key >> 32 {
+            return None;
+        }
+        entry.1.as_ref()?.upgrade()
     }
 }
 
 /// The sources events are for, and the wakers to call: kept between collections.
-type Scratch = (Vec<(Arc<Source>, epoll::EventFlags)>, Vec<Waker>);
+type Scratch = (Vec<(Arc<dyn Ready>, epoll::EventFlags)>, Vec<Waker>);
 
 std::thread_local! {
     /// The events one collection takes (per thread: an event holds a pointer, so not `Send`).
@@ -276,11 +307,33 @@ std::thread_local! {
         std::cell::RefCell::new(Vec::with_capacity(BATCH));
 }
 
+/// The timers of [`Sleep`], by deadline.
+#[derive(Default)]
+struct Timers {
+    wakers: BTreeMap<(Instant, u64), Waker>,
+    next_id: u64,
+    /// While a thread is blocked in `epoll_wait`: until when (`None`: until an event). A timer
+    /// due before that wakes it.
+    blocked: Option<Option<Instant>>,
+}
+
 struct Reactor {
     /// The epoll instance, as a source of async-io's reactor.
     epoll: smol::Async<OwnedFd>,
+    /// An eventfd in the instance: written to wake the thread blocked in it.
+    notify: OwnedFd,
+    /// Whether `notify` was written and not read yet (it is written once per wait at most).
+    notified: AtomicBool,
     slots: Mutex<Slots>,
     scratch: Mutex<Scratch>,
+    timers: Mutex<Timers>,
+    /// Held by the one [`block_on`] thread that waits in `epoll_wait`.
+    driving: Mutex<()>,
+    /// The [`block_on`] threads running: while there are any, they collect the events, not
+    /// async-io.
+    drivers: AtomicUsize,
+    /// [`block_on`] threads parked while another one drives.
+    parked: Mutex<Vec<Arc<Parker>>>,
     /// Called by async-io when `epoll` is readable.
     waker: Waker,
 }
@@ -298,12 +351,13 @@ impl Wake for Collect {
 
 impl Reactor {
     /// Collects events for as long as the instance has them, then asks async-io to call
-    /// `waker` when it has more.
+    /// `waker` when it has more; unless [`block_on`] threads run, which collect them
+    /// themselves (async-io is asked again when the last one returns).
     fn drive(&self) {
         let mut cx = Context::from_waker(&self.waker);
-        loop {
+        while self.drivers.load(SeqCst) == 0 {
             match self.epoll.poll_readable(&mut cx) {
-                Poll::Ready(Ok(())) => self.collect(),
+                Poll::Ready(Ok(())) => self.collect(Some(Duration::ZERO), false),
                 Poll::Ready(Err(e)) => {
                     // Re-arming failed: nothing will wake the streams again.
                     crate::log::warn!("the stream reactor stopped: {e}");
@@ -314,28 +368,42 @@ impl Reactor {
         }
     }
 
-    /// Takes the events the instance has, and wakes the tasks they are for.
-    fn collect(&self) {
+    /// Waits up to `timeout` (`None`: until an event) for events, and wakes the tasks they
+    /// are for (`blocking`: [`Timers::blocked`] was set for this wait); then takes whatever more the instance has without waiting, and fires the
+    /// timers that are due.
+    fn collect(&self, mut timeout: Option<Duration>, mut blocking: bool) {
         EVENTS.with(|events| {
             let mut events = events.borrow_mut();
-            let mut scratch = lock(&self.scratch);
-            let (sources, wakers) = &mut *scratch;
             loop {
                 events.clear();
-                let zero = Timespec {
-                    tv_sec: 0,
-                    tv_nsec: 0,
-                };
+                let spec = timeout.map(|t| Timespec {
+                    tv_sec: t.as_secs() as i64,
+                    tv_nsec: t.subsec_nanos().into(),
+                });
                 let spare = rustix::buffer::spare_capacity(&mut *events);
-                if epoll::wait(self.epoll.get_ref(), spare, Some(&zero)).is_err() {
-                    return;
+                let waited = epoll::wait(self.epoll.get_ref(), spare, spec.as_ref());
+                if blocking {
+                    lock(&self.timers).blocked = None;
+                    blocking = false;
                 }
+                if waited.is_err() {
+                    // (EINTR: a signal. Anything else: nothing to collect this time.)
+                    break;
+                }
+                let mut scratch = lock(&self.scratch);
+                let (sources, wakers) = &mut *scratch;
                 {
                     let slots = lock(&self.slots);
-                    let found = events
-                        .iter()
-                        .filter_map(|e| Some((slots.get(e.data.u64())?, e.flags)));
-                    sources.extend(found);
+                    for e in events.iter() {
+                        let key = e.data.u64();
+                        if key == NOTIFY {
+                            let mut count = [0u8; 8];
+                            let _ = rustix::io::read(&self.notify, &mut count);
+                            self.notified.store(false, SeqCst);
+                        } else if let Some(source) = slots.get(key) {
+                            sources.push((source, e.flags));
+                        }
+                    }
                 }
                 for (source, flags) in sources.iter() {
                     source.ready(*flags, wakers);
@@ -346,16 +414,66 @@ impl Reactor {
                     waker.wake();
                 }
                 if events.len() < BATCH {
-                    return;
+                    break;
                 }
+                timeout = Some(Duration::ZERO);
             }
-        })
+        });
+        self.fire_timers();
+    }
+
+    /// Wakes the tasks whose timers are due.
+    fn fire_timers(&self) {
+        let mut due = Vec::new();
+        {
+            let mut timers = lock(&self.timers);
+            if timers.wakers.is_empty() {
+                return;
+            }
+            let now = Instant::now();
+            while let Some(entry) = timers.wakers.first_entry() {
+                if entry.key().0 > now {
+                    break;
+                }
+                due.push(entry.remove());
+            }
+        }
+        for waker in due {
+            waker.wake();
+        }
+    }
+
+    /// Waits in `epoll_wait` until an event, the next timer or [`notify`](Self::notify),
+    /// if `block`; otherwise only takes what is there already.
+    fn turn(&self, block: bool) {
+        if !block {
+            return self.collect(Some(Duration::ZERO), false);
+        }
+        let timeout = {
+            let mut timers = lock(&self.timers);
+            let next = timers.wakers.first_key_value().map(|(k, _)| k.0);
+            timers.blocked = Some(next);
+            // Rounded up to the millisecond, as epoll_wait may count: never early. At most a
+            // minute (older kernels refuse waits of 25 days and more).
+            let left = next.map_or(MAX_WAIT, |at| at.saturating_duration_since(Instant::now()));
+            Some(Duration::from_millis(
+                left.min(MAX_WAIT).as_nanos().div_ceil(1_000_000) as u64,
+            ))
+        };
+        self.collect(timeout, true);
+    }
+
+    /// Wakes the thread blocked in `epoll_wait`, if one is.
+    fn notify(&self) {
+        if !self.notified.swap(true, SeqCst) {
+            let _ = rustix::io::write(&self.notify, &1u64.to_ne_bytes());
+        }
     }
 }
 
 /// Makes the process's reactor, if it is not made yet.
-pub(crate) fn start() {
-    let _ = reactor();
+pub(crate) fn start() -> io::Result<()> {
+    reactor().map(drop)
 }
 
 /// The process's reactor, made on first use.
@@ -364,11 +482,25 @@ fn reactor() -> io::Result<&'static Reactor> {
     if let Some(r) = REACTOR.get() {
         return Ok(r);
     }
-    let epoll = smol::Async::new(epoll::create(epoll::CreateFlags::CLOEXEC)?)?;
+    let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+    use rustix::event::EventfdFlags;
+    let notify = rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
+    epoll::add(
+        &epoll,
+        &notify,
+        epoll::EventData::new_u64(NOTIFY),
+        epoll::EventFlags::IN,
+    )?;
     let made = Reactor {
-        epoll,
+        epoll: smol::Async::new(epoll)?,
+        notify,
+        notified: AtomicBool::new(false),
         slots: Mutex::default(),
         scratch: Mutex::default(),
+        timers: Mutex::default(),
+        driving: Mutex::new(()),
+        drivers: AtomicUsize::new(0),
+        parked: Mutex::default(),
         waker: Waker::from(Arc::new(Collect)),
     };
     // Another thread may have made one meanwhile: then this one goes unused.
@@ -383,6 +515,193 @@ fn reactor() -> io::Result<&'static Reactor> {
     Ok(reactor)
 }
 
+/// A timer of the reactor: completes at its deadline. Fired by [`block_on`] threads, so only
+/// for tasks of an executor they run.
+#[derive(Debug)]
+pub(crate) struct Sleep {
+    /// `None`: never (a duration too long to add to now).
+    deadline: Option<Instant>,
+    /// Its entry in the timers, once it has one.
+    id: Option<u64>,
+}
+
+impl Sleep {
+    /// A timer due `d` from now.
+    pub(crate) fn new(d: Duration) -> Sleep {
+        Sleep {
+            deadline: Instant::now().checked_add(d),
+            id: None,
+        }
+    }
+}
+
+impl Future for Sleep {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(deadline) = self.deadline else {
+            return Poll::Pending;
+        };
+        if Instant::now() >= deadline {
+            self.cancel();
+            return Poll::Ready(());
+        }
+        let Ok(reactor) = reactor() else {
+            return Poll::Pending;
+        };
+        let mut timers = lock(&reactor.timers);
+        if let Some(id) = self.id {
+            if let Some(w) = timers.wakers.get_mut(&(deadline, id)) {
+                if !w.will_wake(cx.waker()) {
+                    w.clone_from(cx.waker());
+                }
+                return Poll::Pending;
+            }
+        }
+        let id = timers.next_id;
+        timers.next_id += 1;
+        timers.wakers.insert((deadline, id), cx.waker().clone());
+        self.id = Some(id);
+        // A thread blocked until later than this deadline must wait again, for less.
+        if timers
+            .blocked
+            .is_some_and(|until| until.is_none_or(|u| deadline < u))
+        {
+            timers.blocked = None;
+            drop(timers);
+            reactor.notify();
+        }
+        Poll::Pending
+    }
+}
+
+impl Sleep {
+    /// Takes the timer out of the reactor's, if it is there.
+    fn cancel(&mut self) {
+        if let (Some(id), Some(deadline)) = (self.id.take(), self.deadline) {
+            if let Ok(reactor) = reactor() {
+                lock(&reactor.timers).wakers.remove(&(deadline, id));
+            }
+        }
+    }
+}
+
+impl Drop for Sleep {
+    fn drop(&mut self) {
+        self.cancel();
+    }
+}
+
+std::thread_local! {
+    /// This thread holds [`Reactor::driving`].
+    static DRIVING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// How a [`block_on`] thread is woken: by an `unpark` while it is parked, by the reactor's
+/// eventfd while it is blocked in `epoll_wait`.
+struct Parker {
+    thread: std::thread::Thread,
+    woken: AtomicBool,
+    /// It is blocked in `epoll_wait`.
+    io_blocked: AtomicBool,
+}
+
+impl Wake for Parker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if !self.woken.swap(true, SeqCst) {
+            if self.io_blocked.load(SeqCst) {
+                // Blocked in epoll_wait, unless this is that thread waking itself while it
+                // hands out the events it took.
+                if !DRIVING.with(Cell::get) {
+                    if let Ok(reactor) = reactor() {
+                        reactor.notify();
+                    }
+                }
+            } else {
+                self.thread.unpark();
+            }
+        }
+    }
+}
+
+/// Runs `future` to completion on this thread, and meanwhile waits for the reactor's events
+/// itself, in `epoll_wait`, rather than through async-io: that saves async-io's re-arming of
+/// the instance, of its eventfd and of its timerfd (three `epoll_ctl` and a `timerfd_settime`
+/// per wait) and the second `epoll_wait`. [`Sleep`] timers are fired here too.
+///
+/// Several threads may run it (one executor shared by them): one at a time waits in
+/// `epoll_wait`, the others park until their futures are woken, as async-io's `block_on`
+/// does. Other async-io sources (signals, timers of `smol::Timer`) go on being served by
+/// async-io's own thread.
+pub(crate) fn block_on<T>(future: impl Future<Output = T>) -> T {
+    let Ok(reactor) = reactor() else {
+        return smol::block_on(future);
+    };
+    reactor.drivers.fetch_add(1, SeqCst);
+    struct Leave(&'static Reactor);
+    impl Drop for Leave {
+        fn drop(&mut self) {
+            if self.0.drivers.fetch_sub(1, SeqCst) == 1 {
+                // The last one: async-io collects the events again.
+                self.0.drive();
+            } else {
+                // Another thread may be parked with nobody left to wait in epoll_wait.
+                for parker in lock(&self.0.parked).iter() {
+                    parker.thread.unpark();
+                }
+            }
+        }
+    }
+    let _leave = Leave(reactor);
+    let parker = Arc::new(Parker {
+        thread: std::thread::current(),
+        woken: AtomicBool::new(false),
+        io_blocked: AtomicBool::new(false),
+    });
+    let waker = Waker::from(parker.clone());
+    let mut cx = Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    loop {
+        if let Poll::Ready(t) = future.as_mut().poll(&mut cx) {
+            return t;
+        }
+        let mut turned = false;
+        while !parker.woken.swap(false, SeqCst) {
+            match reactor.driving.try_lock() {
+                Ok(_driving) => {
+                    parker.io_blocked.store(true, SeqCst);
+                    // (Woken between the check above and the flag: then not blocked.)
+                    let block = !parker.woken.load(SeqCst);
+                    DRIVING.with(|d| d.set(true));
+                    reactor.turn(block);
+                    DRIVING.with(|d| d.set(false));
+                    parker.io_blocked.store(false, SeqCst);
+                    turned = true;
+                }
+                Err(_) => {
+                    lock(&reactor.parked).push(parker.clone());
+                    if !parker.woken.load(SeqCst) {
+                        std::thread::park();
+                    }
+                    lock(&reactor.parked).retain(|p| !Arc::ptr_eq(p, &parker));
+                }
+            }
+        }
+        // Woken at once: still take the events that are there, so that a thread that always
+        // has work does not leave the sockets unheard.
+        if !turned {
+            if let Ok(_driving) = reactor.driving.try_lock() {
+                DRIVING.with(|d| d.set(true));
+                reactor.turn(false);
+                DRIVING.with(|d| d.set(false));
+            }
+        }
+    }
+}
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -499,12 +818,133 @@ mod tests {
         drop(writer.join());
     }
 
+    /// Runs `future` on `reactor::block_on`, failing the test if it takes 5 s (a lost wakeup:
+    /// the thread would otherwise sleep out its whole minute in epoll_wait).
+    fn drive<T: Send + 'static>(future: impl Future<Output = T> + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(block_on(future)));
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("block_on never woke up")
+    }
+
+    #[test]
+    fn a_timer_fires_at_its_deadline_not_before() {
+        for ms in [0u64, 1, 30] {
+            let took = drive(async move {
+                let start = Instant::now();
+                Sleep::new(Duration::from_millis(ms)).await;
+                start.elapsed()
+            });
+            assert!(
+                took >= Duration::from_millis(ms),
+                "{ms} ms fired after {took:?}"
+            );
+            assert!(
+                took < Duration::from_millis(ms + 500),
+                "{ms} ms fired after {took:?}"
+            );
+        }
+        // The sooner of two fires first, and a dropped one is taken out of the table.
+        let took = drive(async {
+            let start = Instant::now();
+            let later = Sleep::new(Duration::from_secs(3600));
+            futures_lite::future::or(later, Sleep::new(Duration::from_millis(20))).await;
+            start.elapsed()
+        });
+        assert!(took < Duration::from_millis(500), "{took:?}");
+        let left = lock(&reactor().unwrap().timers)
+            .wakers
+            .keys()
+            .filter(|(at, _)| *at > Instant::now() + Duration::from_secs(3000))
+            .count();
+        assert_eq!(left, 0, "a dropped timer stayed in the table");
+    }
+
+    #[test]
+    fn a_thread_blocked_in_epoll_wait_is_woken_by_another_thread() {
+        // A wakeup that is not an event of the instance: a channel sent to from a plain thread.
+        let (tx, rx) = async_channel::bounded::<u8>(1);
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            tx.send_blocking(7)
+        });
+        assert_eq!(drive(async move { rx.recv().await }), Ok(7));
+        // A timer set from another thread, sooner than the one the blocked thread waits for.
+        let (tx, rx) = async_channel::bounded::<Sleep>(1);
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            tx.send_blocking(Sleep::new(Duration::from_millis(10)))
+        });
+        let ex = Arc::new(smol::Executor::new());
+        let fired = Arc::new(AtomicBool::new(false));
+        let (ex2, fired2) = (ex.clone(), fired.clone());
+        drive(async move {
+            // The long timer keeps the driving thread blocked; the short one, made elsewhere
+            // and first polled by a task of the executor, must cut that wait short.
+            let long = ex2.spawn(Sleep::new(Duration::from_secs(30)));
+            let short = ex2.spawn(async move {
+                rx.recv().await.unwrap().await;
+                fired2.store(true, SeqCst);
+            });
+            ex2.run(short).await;
+            drop(long);
+        });
+        assert!(fired.load(SeqCst));
+        drop(ex);
+    }
+
+    #[test]
+    fn threads_sharing_an_executor_take_turns_and_serve_every_stream() {
+        use futures_lite::{AsyncReadExt, AsyncWriteExt};
+        let ex = Arc::new(smol::Executor::new());
+        let (stop, stopped) = async_channel::bounded::<()>(1);
+        let helpers: Vec<_> = (0..2)
+            .map(|_| {
+                let (ex, stopped) = (ex.clone(), stopped.clone());
+                std::thread::spawn(move || block_on(ex.run(stopped.recv())))
+            })
+            .collect();
+        let ex2 = ex.clone();
+        let served = drive(async move {
+            let tasks: Vec<_> = (0..40u32)
+                .map(|i| {
+                    let (mut outside, mut inside) = pair();
+                    ex2.spawn(async move {
+                        for round in 0..20u32 {
+                            let word = (i * 1000 + round).to_be_bytes();
+                            outside.write_all(&word).unwrap();
+                            let mut got = [0u8; 4];
+                            inside.read_exact(&mut got).await.unwrap();
+                            assert_eq!(got, word);
+                            inside.write_all(&got).await.unwrap();
+                            Sleep::new(Duration::from_millis(u64::from(round % 3))).await;
+                        }
+                        1
+                    })
+                })
+                .collect();
+            ex2.run(async {
+                let mut served = 0;
+                for task in tasks {
+                    served += task.await;
+                }
+                served
+            })
+            .await
+        });
+        assert_eq!(served, 40);
+        drop(stop);
+        for helper in helpers {
+            assert!(helper.join().is_ok());
+        }
+    }
+
     #[test]
     fn a_slot_freed_by_a_closed_stream_is_reused_under_a_new_generation() {
         let mut slots = Slots::default();
-        let a = slots.insert(Weak::new());
+        let a = slots.insert(Weak::<Source>::new());
         slots.remove(a);
-        let b = slots.insert(Weak::new());
+        let b = slots.insert(Weak::<Source>::new());
         assert_eq!(a as u32, b as u32, "the slot is reused");
         assert_ne!(a, b, "under a new generation");
         assert!(slots.get(a).is_none());

@@ -266,6 +266,24 @@ where
     Fut: Future<Output = Result<(), Error>>,
 {
     let ex = Arc::new(smol::Executor::new());
+    // On Linux the threads wait in the streams' reactor themselves (see `reactor::block_on`).
+    #[cfg(target_os = "linux")]
+    let driven = crate::reactor::start().is_ok();
+    #[cfg(not(target_os = "linux"))]
+    let driven = false;
+    let net = match driven {
+        #[cfg(target_os = "linux")]
+        true => SmolNet::driven(ex.clone()),
+        _ => SmolNet::new(ex.clone()),
+    };
+    fn run<T>(driven: bool, future: impl Future<Output = T>) -> T {
+        #[cfg(target_os = "linux")]
+        if driven {
+            return crate::reactor::block_on(future);
+        }
+        let _ = driven;
+        smol::block_on(future)
+    }
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) - 1;
     let (stop, stopped) = smol::channel::bounded::<()>(1);
     for i in 0..threads {
@@ -273,12 +291,77 @@ where
         let stopped = stopped.clone();
         std::thread::Builder::new()
             .name(format!("portcullis-{i}"))
-            .spawn(move || smol::block_on(ex.run(stopped.recv())))
+            .spawn(move || run(driven, ex.run(stopped.recv())))
             .map_err(Error::Io)?;
     }
-    let result = smol::block_on(ex.run(serve(SmolNet::new(ex.clone()))));
+    let result = run(driven, ex.run(WhenWoken::new(serve(net))));
     drop(stop);
     result
+}
+
+/// A future that polls the one it wraps only once that one's waker was called.
+///
+/// `Executor::run` polls the future it was given every time it is polled itself, that is after
+/// every batch of tasks, whether that future was woken or not. The proxy's is the whole server
+/// and its shutdown signal, which reads the signal socket each time: a failed `recvfrom` per
+/// wakeup of the thread.
+struct WhenWoken<F> {
+    inner: std::pin::Pin<Box<F>>,
+    flag: Arc<Woken>,
+}
+
+#[derive(Default)]
+struct Woken {
+    woken: std::sync::atomic::AtomicBool,
+    waker: std::sync::Mutex<Option<std::task::Waker>>,
+}
+
+impl std::task::Wake for Woken {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::SeqCst);
+        let waker = self.waker.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(w) = waker.as_ref() {
+            w.wake_by_ref();
+        }
+    }
+}
+
+impl<F: Future> WhenWoken<F> {
+    fn new(inner: F) -> Self {
+        let flag = Arc::new(Woken::default());
+        flag.woken.store(true, Ordering::SeqCst);
+        WhenWoken {
+            inner: Box::pin(inner),
+            flag,
+        }
+    }
+}
+
+impl<F: Future> Future for WhenWoken<F> {
+    type Output = F::Output;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        {
+            let mut waker = self.flag.waker.lock().unwrap_or_else(|e| e.into_inner());
+            if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *waker = Some(cx.waker().clone());
+            }
+        }
+        if !self.flag.woken.swap(false, Ordering::SeqCst) {
+            return std::task::Poll::Pending;
+        }
+        let waker = std::task::Waker::from(self.flag.clone());
+        self.inner
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(&waker))
+    }
 }
 
 /// Runs `serve` with a [`SmolNet`] whose tasks are driven by the future this returns, so it
@@ -656,5 +739,45 @@ impl Live {
             Flows::Tcp(slot) => slot.get().stop_background(),
             Flows::Ws(slot) => slot.get().stop_background(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::task::{Context, Poll, Waker};
+
+    #[test]
+    fn a_future_run_when_woken_is_polled_once_per_wakeup_not_per_poll() {
+        let polls = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = async_channel::unbounded::<()>();
+        let counted = polls.clone();
+        let mut inner = Box::pin(async move {
+            rx.recv().await.unwrap();
+            rx.recv().await.unwrap();
+        });
+        let mut future = pin!(WhenWoken::new(future::poll_fn(move |cx| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            inner.as_mut().poll(cx)
+        })));
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut poll = |times: usize| {
+            (0..times)
+                .map(|_| future.as_mut().poll(&mut cx))
+                .last()
+                .unwrap()
+        };
+        assert!(poll(5).is_pending());
+        assert_eq!(
+            polls.load(Ordering::SeqCst),
+            1,
+            "polled once, then not again until woken"
+        );
+        tx.try_send(()).unwrap();
+        assert!(poll(3).is_pending());
+        assert_eq!(polls.load(Ordering::SeqCst), 2);
+        tx.try_send(()).unwrap();
+        assert_eq!(poll(1), Poll::Ready(()));
+        assert_eq!(polls.load(Ordering::SeqCst), 3);
     }
 }
