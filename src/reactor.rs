@@ -702,6 +702,7 @@ pub(crate) fn block_on<T>(future: impl Future<Output = T>) -> T {
         }
     }
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;
