@@ -740,7 +740,10 @@ fn start_proxy(
     let wss: Option<SocketAddr> =
         tls.map(|_| format!("127.0.0.1:{}", free_port()).parse().unwrap());
     let mut cmd = Command::new("taskset");
-    cmd.args(["-c", "1"]);
+    // BENCH_PROXY_CPUS="0,1": the proxy on both cores (and on two threads), to compare how a
+    // multi-threaded proxy shares them; not for the table.
+    let cpus = std::env::var("BENCH_PROXY_CPUS").unwrap_or_else(|_| "1".into());
+    cmd.args(["-c", &cpus]);
     match target {
         Target::Direct => unreachable!(),
         Target::Portcullis | Target::Baseline => {
