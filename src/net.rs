@@ -10,6 +10,7 @@ use std::fmt;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -308,6 +309,11 @@ async fn connect(sa: SocketAddr) -> io::Result<SmolStream> {
         // speaks first is heard through the event its bytes bring.)
         let source = Io::new(socket, false, false)?;
         std::future::poll_fn(|cx| source.poll_ready(crate::reactor::WRITE, cx)).await;
+        if !source.closed(crate::reactor::WRITE) {
+            // Writable with no error or hang-up: connected (a failed connect reports
+            // EPOLLERR), so SO_ERROR need not be asked.
+            return Ok(SmolStream(source));
+        }
         SmolStream(source)
     };
     #[cfg(not(target_os = "linux"))]
@@ -339,7 +345,16 @@ impl fmt::Debug for SmolNet {
 /// (Nagle's algorithm against delayed ACKs). On Linux it is registered with the streams'
 /// reactor (edge-triggered, so waiting for the next connection costs no system call).
 #[derive(Debug)]
-pub struct SmolListener(ListenIo);
+pub struct SmolListener {
+    io: ListenIo,
+    /// Whether accepted streams come with `TCP_NODELAY` already, set on the listener (Linux
+    /// copies it to them): `NODELAY_UNKNOWN` until the first one is asked.
+    nodelay: AtomicU8,
+}
+
+const NODELAY_UNKNOWN: u8 = 0;
+const NODELAY_INHERITED: u8 = 1;
+const NODELAY_PER_STREAM: u8 = 2;
 
 #[derive(Debug)]
 enum ListenIo {
@@ -361,7 +376,24 @@ impl SmolListener {
             },
             Err(shared) => shared,
         };
-        SmolListener(ListenIo::AsyncIo(listener))
+        SmolListener::with(ListenIo::AsyncIo(listener))
+    }
+
+    fn with(io: ListenIo) -> Self {
+        // Set on the listener, the option comes with every accepted stream on Linux, which
+        // saves a system call per connection; checked on the first one.
+        #[cfg(unix)]
+        let inherit = rustix::net::sockopt::set_tcp_nodelay(SmolListener::socket(&io), true);
+        #[cfg(not(unix))]
+        let inherit: Result<(), ()> = Err(());
+        let nodelay = match inherit {
+            Ok(()) => NODELAY_UNKNOWN,
+            Err(_) => NODELAY_PER_STREAM,
+        };
+        SmolListener {
+            io,
+            nodelay: AtomicU8::new(nodelay),
+        }
     }
 
     /// Registers a bound, listening socket.
@@ -369,9 +401,31 @@ impl SmolListener {
         listener.set_nonblocking(true)?;
         #[cfg(target_os = "linux")]
         return crate::reactor::Source::new(listener, true, false)
-            .map(|source| SmolListener(ListenIo::Reactor(source)));
+            .map(|source| SmolListener::with(ListenIo::Reactor(source)));
         #[cfg(not(target_os = "linux"))]
-        smol::Async::new(listener).map(|l| SmolListener(ListenIo::AsyncIo(Arc::new(l))))
+        smol::Async::new(listener).map(|l| SmolListener::with(ListenIo::AsyncIo(Arc::new(l))))
+    }
+
+    /// Sets `TCP_NODELAY` on an accepted stream, unless it came with it.
+    fn nodelay(&self, stream: &std::net::TcpStream) {
+        let known = self.nodelay.load(Ordering::Relaxed);
+        if known == NODELAY_INHERITED {
+            return;
+        }
+        if known == NODELAY_UNKNOWN {
+            let inherited = stream.nodelay().unwrap_or(false);
+            let now = if inherited {
+                NODELAY_INHERITED
+            } else {
+                NODELAY_PER_STREAM
+            };
+            self.nodelay.store(now, Ordering::Relaxed);
+            if inherited {
+                return;
+            }
+        }
+        // Failing to set the option only costs latency; the connection is still good.
+        let _ = stream.set_nodelay(true);
     }
 
     /// (`new` cannot fail, so a listener that could not be moved is one whose accepts fail.)
@@ -380,13 +434,17 @@ impl SmolListener {
         crate::log::warn!("cannot register a listener: {e}");
         let closed = std::net::TcpListener::bind("127.0.0.1:0").and_then(smol::Async::new);
         match closed {
-            Ok(l) => SmolListener(ListenIo::AsyncIo(Arc::new(l))),
+            Ok(l) => SmolListener::with(ListenIo::AsyncIo(Arc::new(l))),
             Err(_) => panic!("cannot register a listener: {e}"),
         }
     }
 
     fn get_ref(&self) -> &std::net::TcpListener {
-        match &self.0 {
+        SmolListener::socket(&self.io)
+    }
+
+    fn socket(io: &ListenIo) -> &std::net::TcpListener {
+        match io {
             #[cfg(target_os = "linux")]
             ListenIo::Reactor(source) => source.get_ref(),
             ListenIo::AsyncIo(listener) => listener.get_ref(),
@@ -413,7 +471,7 @@ impl Listener for SmolListener {
             rustix::net::acceptfrom_with(l, flags).map_err(io::Error::from)
         };
         let (fd, peer) = loop {
-            let accepted = match &self.0 {
+            let accepted = match &self.io {
                 #[cfg(target_os = "linux")]
                 ListenIo::Reactor(source) => {
                     std::future::poll_fn(|cx| source.poll_io(crate::reactor::READ, cx, accept))
@@ -433,16 +491,15 @@ impl Listener for SmolListener {
             }
         };
         let stream = std::net::TcpStream::from(fd);
-        // Failing to set the option only costs latency; the connection is still good.
-        let _ = stream.set_nodelay(true);
+        self.nodelay(&stream);
         Ok((SmolStream::connected(stream)?, peer))
     }
 
     #[cfg(not(unix))]
     async fn accept(&self) -> io::Result<(Self::Stream, SocketAddr)> {
-        let ListenIo::AsyncIo(listener) = &self.0;
+        let ListenIo::AsyncIo(listener) = &self.io;
         let (stream, peer) = listener.read_with(|l| l.accept()).await?;
-        let _ = stream.set_nodelay(true);
+        self.nodelay(&stream);
         Ok((SmolStream(Arc::new(smol::Async::new(stream)?)), peer))
     }
 
@@ -690,5 +747,38 @@ mod splice {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streams_both_ways_have_nagle_off_and_a_refused_connect_fails() {
+        smol::block_on(async {
+            let net = SmolNet::new(Arc::new(smol::Executor::new()));
+            let wrapped = async_net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let listeners = [
+                net.bind("127.0.0.1:0").await.unwrap(),
+                SmolListener::new(wrapped),
+            ];
+            for listener in listeners {
+                let addr = listener.local_addr().unwrap().to_string();
+                // The first accepted stream is asked; the later ones are trusted.
+                for _ in 0..3 {
+                    let (connected, accepted) =
+                        futures_lite::future::zip(net.connect(&addr), listener.accept()).await;
+                    assert!(connected.unwrap().get_ref().nodelay().unwrap());
+                    assert!(accepted.unwrap().0.get_ref().nodelay().unwrap());
+                }
+            }
+            // A connect that fails is not taken for one that succeeded.
+            let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = closed.local_addr().unwrap().to_string();
+            drop(closed);
+            let refused = net.connect(&addr).await.expect_err("a refused connect");
+            assert_eq!(refused.kind(), io::ErrorKind::ConnectionRefused);
+        })
     }
 }

@@ -159,6 +159,13 @@ impl<S> Source<S> {
         }
     }
 
+    /// Whether an event said direction `dir` has failed or been hung up on (`EPOLLERR`,
+    /// `EPOLLHUP`; for reads also `EPOLLRDHUP`). A connect whose socket became writable
+    /// without this has succeeded, with no need to ask `SO_ERROR`.
+    pub(crate) fn closed(&self, dir: usize) -> bool {
+        lock(&self.state)[dir].closed
+    }
+
     /// Marks direction `dir` not ready, unless an event came since `tick` was read.
     pub(crate) fn clear(&self, dir: usize, tick: u32) {
         let mut state = lock(&self.state);
