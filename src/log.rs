@@ -1,7 +1,9 @@
 //! Log lines on standard error: one line per event, `key=value` fields after a UTC timestamp,
 //! so they read well in a terminal and split cleanly with `grep` and `awk`.
 
-use std::fmt;
+use std::cell::RefCell;
+use std::fmt::{self, Write as _};
+use std::thread::LocalKey;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Writes one log line: the timestamp, the level, then `args`.
@@ -9,10 +11,70 @@ pub(crate) fn line(level: &str, args: fmt::Arguments<'_>) {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
-    // One write per line, so lines from different threads never interleave; eprint! rather than
-    // a raw stderr handle, so the test harness captures the lines of passing tests.
-    let text = format!("{} {level} {args}\n", Timestamp(now.as_millis() as u64));
-    eprint!("{text}");
+    // Formatted into a buffer of the thread's, kept between lines: a line costs no allocation.
+    with_buffer(&LINE, |text| {
+        let _ = writeln!(text, "{} {level} {args}", Timestamp(now.as_millis() as u64));
+        // One write per line, so lines from different threads never interleave; eprint!
+        // rather than a raw stderr handle, so the test harness captures the lines of passing
+        // tests.
+        eprint!("{text}");
+    });
+}
+
+/// Runs `f` with the thread's buffer `key`, emptied (or a new one, when that is in use or
+/// gone), and keeps at most [`LINE_KEPT`] bytes of it afterwards.
+fn with_buffer<B: Default + Buffers>(key: &'static LocalKey<RefCell<B>>, f: impl FnOnce(&mut B)) {
+    let mut f = Some(f);
+    let _ = key.try_with(|cell| {
+        if let Ok(mut bufs) = cell.try_borrow_mut() {
+            bufs.clear_all();
+            if let Some(f) = f.take() {
+                f(&mut bufs);
+            }
+            bufs.shrink();
+        }
+    });
+    if let Some(f) = f {
+        f(&mut B::default());
+    }
+}
+
+/// The buffers of [`with_buffer`].
+trait Buffers {
+    fn clear_all(&mut self);
+    fn shrink(&mut self);
+}
+
+impl Buffers for String {
+    fn clear_all(&mut self) {
+        self.clear();
+    }
+
+    fn shrink(&mut self) {
+        self.shrink_to(LINE_KEPT);
+    }
+}
+
+impl Buffers for (String, String) {
+    fn clear_all(&mut self) {
+        self.0.clear();
+        self.1.clear();
+    }
+
+    fn shrink(&mut self) {
+        self.0.shrink();
+        self.1.shrink();
+    }
+}
+
+/// The most a thread's line buffer keeps between lines.
+const LINE_KEPT: usize = 1024;
+
+std::thread_local! {
+    /// The line being written ([`line`]), and the access line being put together
+    /// ([`Access::write`]) with a scratch buffer for one of its values.
+    static LINE: RefCell<String> = const { RefCell::new(String::new()) };
+    static ACCESS: RefCell<(String, String)> = const { RefCell::new((String::new(), String::new())) };
 }
 
 /// Milliseconds since the Unix epoch, shown as RFC 3339 UTC (`2026-11-22T07:40:00.123Z`).
@@ -122,74 +184,103 @@ impl Access {
     }
 
     fn write(&self, event: &str) {
-        let mut fields: Vec<(&str, String, bool)> = vec![
-            ("event", event.to_string(), true),
-            ("kind", self.kind.to_string(), true),
-            ("section", self.section.to_string(), true),
-        ];
-        let mut opt = |name, value: Option<String>, quoted| {
-            if let Some(v) = value {
-                fields.push((name, v, quoted));
+        let json = JSON.load(std::sync::atomic::Ordering::Relaxed);
+        with_buffer(&ACCESS, |(out, scratch)| {
+            if json {
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default();
+                self.render(event, Some(Timestamp(now.as_millis() as u64)), out, scratch);
+                out.push('\n');
+                eprint!("{out}");
+            } else {
+                self.render(event, None, out, scratch);
+                line("INFO", format_args!("{out}"));
+            }
+        });
+    }
+
+    /// The line's text: `access key=value ...`, or a JSON object when `time` is given.
+    fn render(&self, event: &str, time: Option<Timestamp>, out: &mut String, scratch: &mut String) {
+        let json = time.is_some();
+        match time {
+            Some(time) => {
+                let _ = write!(out, "{{\"time\":\"{time}\"");
+            }
+            None => out.push_str("access"),
+        }
+        let text = |out: &mut String, name: &str, value: &str| {
+            if json {
+                let _ = write!(out, ",\"{name}\":\"");
+                json_escape_into(out, value);
+                out.push('"');
+            } else if value.contains([' ', '"']) || value.is_empty() {
+                let _ = write!(out, " {name}=\"");
+                out.extend(value.chars().map(|c| if c == '"' { '\'' } else { c }));
+                out.push('"');
+            } else {
+                let _ = write!(out, " {name}={value}");
             }
         };
-        opt("route", self.route.clone(), true);
-        opt("client", self.client.map(|c| c.to_string()), true);
-        opt("backend", self.backend.clone(), true);
-        opt("path", self.path.clone(), true);
-        opt("status", self.status.map(|s| s.to_string()), false);
-        opt("tls", self.tls.map(str::to_string), true);
-        fields.push(("up", self.up.to_string(), false));
-        fields.push(("down", self.down.to_string(), false));
+        let number = |out: &mut String, name: &str, value: u64| {
+            let _ = match json {
+                true => write!(out, ",\"{name}\":{value}"),
+                false => write!(out, " {name}={value}"),
+            };
+        };
+        text(out, "event", event);
+        text(out, "kind", self.kind);
+        text(out, "section", &self.section);
+        if let Some(route) = &self.route {
+            text(out, "route", route);
+        }
+        if let Some(client) = self.client {
+            scratch.clear();
+            let _ = write!(scratch, "{client}");
+            text(out, "client", scratch);
+        }
+        if let Some(backend) = &self.backend {
+            text(out, "backend", backend);
+        }
+        if let Some(path) = &self.path {
+            text(out, "path", path);
+        }
+        if let Some(status) = self.status {
+            number(out, "status", status.into());
+        }
+        if let Some(tls) = self.tls {
+            text(out, "tls", tls);
+        }
+        number(out, "up", self.up);
+        number(out, "down", self.down);
         if let Some(c) = self.connect_ms {
-            fields.push(("connect_ms", c.to_string(), false));
+            number(out, "connect_ms", c);
         }
-        fields.push(("duration_ms", self.duration_ms.to_string(), false));
+        number(out, "duration_ms", self.duration_ms);
         if event == "closed" {
-            fields.push(("end", self.end.clone(), true));
+            text(out, "end", &self.end);
         }
-        if JSON.load(std::sync::atomic::Ordering::Relaxed) {
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default();
-            let mut out = format!("{{\"time\":\"{}\"", Timestamp(now.as_millis() as u64));
-            for (name, value, quoted) in &fields {
-                if *quoted {
-                    out += &format!(",\"{name}\":\"{}\"", json_escape(value));
-                } else {
-                    out += &format!(",\"{name}\":{value}");
-                }
-            }
-            out += "}\n";
-            eprint!("{out}");
-        } else {
-            let mut out = String::from("access");
-            for (name, value, _) in &fields {
-                if value.contains([' ', '"']) || value.is_empty() {
-                    out += &format!(" {name}=\"{}\"", value.replace('"', "'"));
-                } else {
-                    out += &format!(" {name}={value}");
-                }
-            }
-            line("INFO", format_args!("{out}"));
+        if json {
+            out.push('}');
         }
     }
 }
 
-/// `s` with JSON's string escapes.
-fn json_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
+/// Appends `s` with JSON's string escapes.
+fn json_escape_into(out: &mut String, s: &str) {
     for c in s.chars() {
         match c {
-            '"' => out += "\\\"",
-            '\\' => out += "\\\\",
-            '\n' => out += "\\n",
-            '\r' => out += "\\r",
-            '\t' => out += "\\t",
-            c if (c as u32) < 0x20 => out += &format!("\\u{:04x}", c as u32),
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
             c => out.push(c),
         }
     }
-    out
 }
 
 #[cfg(test)]
@@ -198,7 +289,65 @@ mod tests {
 
     #[test]
     fn json_strings_are_escaped() {
-        assert_eq!(json_escape("a\"b\\c\nd\u{1}"), "a\\\"b\\\\c\\nd\\u0001");
+        let mut out = String::new();
+        json_escape_into(&mut out, "a\"b\\c\nd\u{1}");
+        assert_eq!(out, "a\\\"b\\\\c\\nd\\u0001");
+    }
+
+    #[test]
+    fn access_lines_quote_what_needs_it_as_text_and_as_json() {
+        let mut access = Access {
+            kind: "ws",
+            section: "main".into(),
+            route: Some("/chat".into()),
+            client: Some("127.0.0.1:5000".parse().unwrap()),
+            backend: Some("127.0.0.1:9000".into()),
+            path: Some("/chat?a=b c".into()),
+            status: Some(101),
+            tls: Some("TLSv1.3"),
+            up: 5,
+            down: 7,
+            connect_ms: Some(1),
+            duration_ms: 12,
+            end: "client closed".into(),
+        };
+        let render = |access: &Access, event, time| {
+            let (mut out, mut scratch) = (String::new(), String::new());
+            access.render(event, time, &mut out, &mut scratch);
+            out
+        };
+        assert_eq!(
+            render(&access, "closed", None),
+            "access event=closed kind=ws section=main route=/chat client=127.0.0.1:5000 \
+             backend=127.0.0.1:9000 path=\"/chat?a=b c\" status=101 tls=TLSv1.3 up=5 down=7 \
+             connect_ms=1 duration_ms=12 end=\"client closed\""
+        );
+        assert_eq!(
+            render(&access, "closed", Some(Timestamp(0))),
+            "{\"time\":\"1970-01-01T00:00:00.000Z\",\"event\":\"closed\",\"kind\":\"ws\",\
+             \"section\":\"main\",\"route\":\"/chat\",\"client\":\"127.0.0.1:5000\",\
+             \"backend\":\"127.0.0.1:9000\",\"path\":\"/chat?a=b c\",\"status\":101,\
+             \"tls\":\"TLSv1.3\",\"up\":5,\"down\":7,\"connect_ms\":1,\"duration_ms\":12,\
+             \"end\":\"client closed\"}"
+        );
+        // Quotes inside a value, an empty value, and the fields a refused client lacks.
+        access = Access {
+            kind: "tcp",
+            section: "".into(),
+            path: Some("/a\"b".into()),
+            end: "refused".into(),
+            ..Access::default()
+        };
+        assert_eq!(
+            render(&access, "opened", None),
+            "access event=opened kind=tcp section=\"\" path=\"/a'b\" up=0 down=0 duration_ms=0"
+        );
+        assert_eq!(
+            render(&access, "closed", Some(Timestamp(0))),
+            "{\"time\":\"1970-01-01T00:00:00.000Z\",\"event\":\"closed\",\"kind\":\"tcp\",\
+             \"section\":\"\",\"path\":\"/a\\\"b\",\"up\":0,\"down\":0,\"duration_ms\":0,\
+             \"end\":\"refused\"}"
+        );
     }
 
     #[test]

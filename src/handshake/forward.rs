@@ -156,9 +156,8 @@ pub fn forward(
     // Headers the client itself declared hop-by-hop.
     let named: Vec<&[u8]> = request.values("connection").flat_map(tokens).collect();
     let hop = |name: &str| {
-        let lower = name.to_ascii_lowercase();
-        let required = lower == "host" || lower.starts_with("sec-websocket-");
-        HOP_BY_HOP.contains(&lower.as_str())
+        let required = name.eq_ignore_ascii_case("host") || is_websocket_header(name);
+        HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
             || (!required
                 && named
                     .iter()
@@ -167,11 +166,7 @@ pub fn forward(
     let extra: Vec<&(String, String)> = options
         .headers
         .iter()
-        .filter(|(n, v)| {
-            is_field(n.as_bytes(), v.as_bytes())
-                && !hop(n)
-                && !n.to_ascii_lowercase().starts_with("sec-websocket-")
-        })
+        .filter(|(n, v)| is_field(n.as_bytes(), v.as_bytes()) && !hop(n) && !is_websocket_header(n))
         .collect();
     let configured = |name: &str| extra.iter().any(|(n, _)| n.eq_ignore_ascii_case(name));
     // Client values of a header, unless the client declared it hop-by-hop.
@@ -278,6 +273,12 @@ pub fn forward(
         accept: accept_key(&String::from_utf8_lossy(key)),
         protocols,
     })
+}
+
+/// Whether `name` is a `Sec-WebSocket-*` header, in any case.
+fn is_websocket_header(name: &str) -> bool {
+    let prefix = b"sec-websocket-";
+    name.len() >= prefix.len() && name.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix)
 }
 
 /// Appends `a`, `sep`, `b` and CRLF to `head`.
