@@ -748,10 +748,17 @@ fn start_proxy(
         Target::Direct => unreachable!(),
         Target::Portcullis | Target::Baseline => {
             let file = dir.join("portcullis.toml");
+            // BENCH_CONFIG / BENCH_BASELINE_CONFIG: top-level settings for the portcullis /
+            // the baseline column, e.g. "busy_poll_us = 100".
+            let top = match target {
+                Target::Baseline => std::env::var("BENCH_BASELINE_CONFIG"),
+                _ => std::env::var("BENCH_CONFIG"),
+            }
+            .unwrap_or_default();
             std::fs::write(
                 &file,
                 format!(
-                    "[[ws_proxy]]\nlisten = \"{ws}\"\nbackends = [\"{ws_backend}\"]\n\n\
+                    "{top}\n[[ws_proxy]]\nlisten = \"{ws}\"\nbackends = [\"{ws_backend}\"]\n\n\
                      [[tcp_proxy]]\nlisten = \"{tcp}\"\nbackends = [\"{tcp_backend}\"]\n{}",
                     match (wss, tls) {
                         (Some(wss), Some(c)) => format!(

@@ -73,7 +73,13 @@ pub struct Config {
     pub log_open: bool,
     /// Where the admin endpoint listens (`[admin] listen`): `/metrics`, `/healthz`, `/readyz`.
     pub admin_listen: Option<String>,
+    /// How long a thread of the proxy goes on polling for events, in microseconds, before it
+    /// sleeps (`busy_poll_us`; 0, the default, is off). See [`MAX_BUSY_POLL_US`].
+    pub busy_poll_us: u64,
 }
+
+/// The most `busy_poll_us` may be: 10 ms. Longer spins buy no more latency, only more CPU.
+pub const MAX_BUSY_POLL_US: u64 = 10_000;
 
 /// One backend of a section or route: `"host:port"`, or a table with `address` and options.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -342,6 +348,13 @@ impl fmt::Display for Config {
             "on shutdown: drain for up to {} ms",
             self.drain_timeout_ms
         )?;
+        if self.busy_poll_us > 0 {
+            writeln!(
+                f,
+                "threads poll for up to {} µs before they sleep",
+                self.busy_poll_us
+            )?;
+        }
         for s in &self.tcp_proxy {
             writeln!(
                 f,
@@ -503,6 +516,7 @@ mod raw {
         pub max_connections: Option<Spanned<u64>>,
         pub log_format: Option<Spanned<String>>,
         pub log_open: Option<bool>,
+        pub busy_poll_us: Option<Spanned<u64>>,
         pub admin: Option<Spanned<Admin>>,
         #[serde(default)]
         pub tcp_proxy: Vec<Spanned<TcpSection>>,
@@ -874,6 +888,16 @@ impl Source<'_> {
                     )),
                 },
                 log_open: raw.log_open.unwrap_or(false),
+                busy_poll_us: match &raw.busy_poll_us {
+                    None => 0,
+                    Some(v) if *v.get_ref() > MAX_BUSY_POLL_US => return Err(self.error(
+                        v.span(),
+                        "busy_poll_us",
+                        &format!("{} µs of polling before each sleep is more than the most, {MAX_BUSY_POLL_US}", v.get_ref()),
+                        "use 0 (off, the default) up to 10000; 50 to 200 is where it helps",
+                    )),
+                    Some(v) => *v.get_ref(),
+                },
                 admin_listen: match &raw.admin {
                     None => None,
                     Some(admin) => {
@@ -1973,6 +1997,18 @@ mod tests {
         assert_eq!(c.ws_proxy[0].name, "ws-1");
         assert_eq!(c.ws_proxy[0].read_timeout_ms, 30_000);
         assert_eq!(c.listeners(), 2);
+        assert_eq!(c.busy_poll_us, 0, "busy polling is off by default");
+    }
+
+    #[test]
+    fn busy_polling_is_read_and_shown_by_check() {
+        let c = Config::parse(
+            "busy_poll_us = 150\n[[tcp_proxy]]\nlisten = \"127.0.0.1:1\"\nbackends = [\"b:2\"]\n",
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(c.busy_poll_us, 150);
+        assert!(c.to_string().contains("poll for up to 150 µs"), "{c}");
     }
 
     #[test]

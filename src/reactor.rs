@@ -32,7 +32,7 @@ use std::io::{self, Read};
 use std::net::TcpStream;
 use std::os::fd::{AsFd, OwnedFd};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
@@ -470,12 +470,37 @@ impl Reactor {
         self.collect(timeout, true);
     }
 
+    /// Polls for events without sleeping until `woken` is set or [`set_busy_poll`]'s time
+    /// has passed.
+    fn busy_poll(&self, woken: &AtomicBool) {
+        let spin = BUSY_POLL_NS.load(Relaxed);
+        if spin == 0 {
+            return;
+        }
+        let start = Instant::now();
+        while !woken.load(SeqCst) && start.elapsed().as_nanos() < u128::from(spin) {
+            self.turn(false);
+        }
+    }
+
     /// Wakes the thread blocked in `epoll_wait`, if one is.
     fn notify(&self) {
         if !self.notified.swap(true, SeqCst) {
             let _ = rustix::io::write(&self.notify, &1u64.to_ne_bytes());
         }
     }
+}
+
+/// How long a [`block_on`] thread goes on polling before it sleeps, in nanoseconds.
+static BUSY_POLL_NS: AtomicU64 = AtomicU64::new(0);
+
+/// Makes [`block_on`] threads poll for events for up to `d` before they sleep in `epoll_wait`
+/// (as HAProxy's `busy-polling`, but bounded). A thread that sleeps takes an interrupt and a
+/// wakeup to get going again, which a virtual machine makes slow (tens of microseconds), and
+/// the peer that wakes it pays for that too. Polling costs CPU for as long as `d` after each
+/// burst of work, also at low load. Zero (the default) is off.
+pub(crate) fn set_busy_poll(d: Duration) {
+    BUSY_POLL_NS.store(d.as_nanos().min(u128::from(u64::MAX)) as u64, Relaxed);
 }
 
 /// Makes the process's reactor, if it is not made yet.
@@ -684,6 +709,10 @@ pub(crate) fn block_on<T>(future: impl Future<Output = T>) -> T {
                     // (Woken between the check above and the flag: then not blocked.)
                     let block = !parker.woken.load(SeqCst);
                     DRIVING.with(|d| d.set(true));
+                    if block {
+                        reactor.busy_poll(&parker.woken);
+                    }
+                    let block = !parker.woken.load(SeqCst);
                     reactor.turn(block);
                     DRIVING.with(|d| d.set(false));
                     parker.io_blocked.store(false, SeqCst);
@@ -945,6 +974,46 @@ mod tests {
         for helper in helpers {
             assert!(helper.join().is_ok());
         }
+    }
+
+    /// The CPU time this thread has used, in clock ticks (usually 10 ms).
+    fn thread_cpu_ticks() -> u64 {
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+        // The fields after the command's closing parenthesis; utime and stime are 14 and 15.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let fields: Vec<&str> = rest.split(' ').collect();
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    }
+
+    #[test]
+    fn busy_polling_serves_every_wakeup_and_stops_to_sleep() {
+        set_busy_poll(Duration::from_millis(5));
+        let (cpu, took) = drive(async {
+            let before = thread_cpu_ticks();
+            let start = Instant::now();
+            // Timers, a socket and another thread's wakeup, each while the thread polls.
+            Sleep::new(Duration::from_millis(300)).await;
+            let (mut outside, mut inside) = pair();
+            outside.write_all(b"x").unwrap();
+            let mut byte = [0u8; 1];
+            futures_lite::AsyncReadExt::read_exact(&mut inside, &mut byte)
+                .await
+                .unwrap();
+            let (tx, rx) = async_channel::bounded::<()>(1);
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                tx.send_blocking(())
+            });
+            rx.recv().await.unwrap();
+            (thread_cpu_ticks() - before, start.elapsed())
+        });
+        set_busy_poll(Duration::ZERO);
+        assert!(took >= Duration::from_millis(350), "{took:?}");
+        // Polling all along would have taken the whole 350 ms (35 ticks) of CPU.
+        assert!(
+            cpu < 15,
+            "{cpu} ticks of CPU in {took:?}: the polling did not stop"
+        );
     }
 
     #[test]

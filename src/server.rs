@@ -299,6 +299,15 @@ where
     result
 }
 
+/// Sets how long the proxy's threads poll before they sleep (`busy_poll_us`; Linux only: the
+/// setting is accepted, and does nothing, elsewhere).
+fn busy_poll(us: u64) {
+    #[cfg(target_os = "linux")]
+    crate::reactor::set_busy_poll(Duration::from_micros(us));
+    #[cfg(not(target_os = "linux"))]
+    let _ = us;
+}
+
 /// A future that polls the one it wraps only once that one's waker was called.
 ///
 /// `Executor::run` polls the future it was given every time it is polled itself, that is after
@@ -432,6 +441,7 @@ pub fn run_reloading(
         let mut drain = config.drain_timeout_ms;
         let config_admin = config.admin_listen.clone();
         crate::log::configure(config.log_json, config.log_open);
+        busy_poll(config.busy_poll_us);
         // The process-wide cap is read at start-up; a reload does not change it.
         let global = tracker.global(config.max_connections);
         // Bind everything first, then start: a busy address fails start-up as a whole.
@@ -482,6 +492,7 @@ pub fn run_reloading(
             };
             drain = config.drain_timeout_ms;
             crate::log::configure(config.log_json, config.log_open);
+            busy_poll(config.busy_poll_us);
             if config.admin_listen != admin_listen {
                 warn!("reload: [admin] listen is read at start-up only; it stays {admin_listen:?} until a restart");
             }
