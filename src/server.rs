@@ -453,22 +453,11 @@ pub fn run_reloading(
         let admin = Arc::new(crate::admin::State::default());
         // Every listener is bound (the kernel queues their connections from here on).
         admin.set_listening();
-        let admin_listen = config_admin.clone();
-        let (admin_stop, admin_stopped) = async_channel::bounded::<()>(1);
-        if let Some(addr) = &admin_listen {
-            let listener = bind(&net, addr).await?;
-            info!(
-                "admin listening addr={} paths=/metrics,/healthz,/readyz",
-                Listener::local_addr(&listener).map_or_else(|_| addr.clone(), |a| a.to_string())
-            );
-            let (net2, admin) = (net.clone(), admin.clone());
-            net.spawn(async move {
-                let stop = async move {
-                    let _ = admin_stopped.recv().await;
-                };
-                crate::admin::serve(&net2, listener, admin, stop).await;
-            });
-        }
+        let mut admin_listen = config_admin.clone();
+        let mut admin_server = match &admin_listen {
+            Some(addr) => Some(AdminServer::start(&net, addr, &admin).await?),
+            None => None,
+        };
         let mut live = Vec::new();
         for (listener, section) in bound {
             live.push(Live::start(&net, listener, section, &tracker, &global)?);
@@ -494,7 +483,25 @@ pub fn run_reloading(
             crate::log::configure(config.log_json, config.log_open);
             busy_poll(config.busy_poll_us);
             if config.admin_listen != admin_listen {
-                warn!("reload: [admin] listen is read at start-up only; it stays {admin_listen:?} until a restart");
+                match &config.admin_listen {
+                    // The new address is bound before the old one closes: if it cannot be,
+                    // the endpoint stays where it was rather than going away.
+                    Some(addr) => match AdminServer::start(&net, addr, &admin).await {
+                        Ok(server) => {
+                            admin_server = Some(server);
+                            admin_listen = config.admin_listen.clone();
+                        }
+                        Err(e) => warn!(
+                            "reload: the admin endpoint stays at {}: {e}",
+                            admin_listen.as_deref().unwrap_or("none")
+                        ),
+                    },
+                    None => {
+                        admin_server = None;
+                        admin_listen = None;
+                        info!("reload: the admin endpoint stopped");
+                    }
+                }
             }
             let sections = Section::all(config);
             live.retain(|l| {
@@ -541,9 +548,38 @@ pub fn run_reloading(
         }
         let left = tracker.drain(&net, Duration::from_millis(drain)).await;
         info!("stopped open_connections_closed={left}");
-        drop(admin_stop);
+        drop(admin_server);
         Ok(())
     })
+}
+
+/// The admin endpoint's listener, served until this is dropped.
+struct AdminServer {
+    _stop: async_channel::Sender<()>,
+}
+
+impl AdminServer {
+    /// Binds `addr` and serves the endpoint there.
+    async fn start(
+        net: &SmolNet,
+        addr: &str,
+        state: &Arc<crate::admin::State>,
+    ) -> Result<AdminServer, Error> {
+        let listener = bind(net, addr).await?;
+        info!(
+            "admin listening addr={} paths=/metrics,/healthz,/readyz",
+            Listener::local_addr(&listener).map_or_else(|_| addr.to_string(), |a| a.to_string())
+        );
+        let (stop, stopped) = async_channel::bounded::<()>(1);
+        let (net2, state) = (net.clone(), state.clone());
+        net.spawn(async move {
+            let stop = async move {
+                let _ = stopped.recv().await;
+            };
+            crate::admin::serve(&net2, listener, state, stop).await;
+        });
+        Ok(AdminServer { _stop: stop })
+    }
 }
 
 /// Binds a section's listener, with `SO_REUSEPORT` when it asks for it.

@@ -50,6 +50,29 @@ impl Running {
         }
     }
 
+    /// Waits up to 5 s for the `nth` (from 1) line of the log that contains `needle`.
+    fn wait_log(&self, needle: &str, nth: usize) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let log = self.log.lock().unwrap().clone();
+            if let Some(line) = log.iter().filter(|l| l.contains(needle)).nth(nth - 1) {
+                return line.clone();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no line {nth} with {needle:?}: {log:#?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The address of the `nth` admin endpoint the process has listened on.
+    fn admin(&self, nth: usize) -> SocketAddr {
+        let line = self.wait_log("admin listening addr=", nth);
+        let addr = line.split("addr=").nth(1).unwrap();
+        addr.split_whitespace().next().unwrap().parse().unwrap()
+    }
+
     /// The address the section called `name` listens on.
     fn addr(&self, name: &str) -> SocketAddr {
         let found = self.addrs.iter().find(|(n, _)| n == name);
@@ -809,6 +832,58 @@ fn parse_prometheus(text: &str) -> Vec<(String, f64)> {
     samples
 }
 
+/// Whether `addr` refuses connections, within 2 s.
+fn refuses(addr: SocketAddr) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while std::time::Instant::now() < deadline {
+        if TcpStream::connect(addr).is_err() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+#[test]
+fn sighup_moves_adds_and_removes_the_admin_endpoint() {
+    let echo = echo_backend();
+    let section = format!(
+        "[[tcp_proxy]]\nname = \"echo\"\nlisten = \"127.0.0.1:0\"\nbackends = [\"{echo}\"]\n"
+    );
+    let with_admin = |addr: &str| format!("[admin]\nlisten = \"{addr}\"\n\n{section}");
+    let file = config_file("admin_reload.toml", &section);
+    let proxy = start(&["--config", file.to_str().unwrap()], 1);
+
+    // Added.
+    std::fs::write(&file, with_admin("127.0.0.9:0")).unwrap();
+    signal(&proxy.child, "HUP");
+    let first = proxy.admin(1);
+    assert_eq!(admin_get(first, "GET", "/healthz").0, 200);
+
+    // Moved: the new address serves, the old one closes.
+    std::fs::write(&file, with_admin("127.0.0.10:0")).unwrap();
+    signal(&proxy.child, "HUP");
+    let second = proxy.admin(2);
+    assert_eq!(admin_get(second, "GET", "/healthz").0, 200);
+    assert!(refuses(first), "the old admin address still accepts");
+
+    // An address that cannot be bound: the endpoint stays where it is, and says so.
+    let taken = TcpListener::bind("127.0.0.11:0").unwrap();
+    let taken_addr = taken.local_addr().unwrap().to_string();
+    std::fs::write(&file, with_admin(&taken_addr)).unwrap();
+    signal(&proxy.child, "HUP");
+    let warned = proxy.wait_log("reload: the admin endpoint stays at 127.0.0.10:0", 1);
+    assert!(warned.contains(&taken_addr), "{warned}");
+    assert_eq!(admin_get(second, "GET", "/healthz").0, 200);
+
+    // Removed.
+    std::fs::write(&file, &section).unwrap();
+    signal(&proxy.child, "HUP");
+    proxy.wait_log("reload: the admin endpoint stopped", 1);
+    assert!(refuses(second), "a removed admin endpoint still accepts");
+    assert_eq!(echo_through(proxy.addr("echo"), b"still up"), b"still up");
+}
+
 #[test]
 fn the_admin_endpoint_serves_metrics_that_match_the_traffic_and_readiness() {
     let (echo, ws) = (echo_backend(), ws_backend());
@@ -827,22 +902,7 @@ fn the_admin_endpoint_serves_metrics_that_match_the_traffic_and_readiness() {
         ),
     );
     let mut proxy = start(&["--config", file.to_str().unwrap()], 3);
-    let admin: SocketAddr = {
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            let log = proxy.log.lock().unwrap().clone();
-            let line = log.iter().find(|l| l.contains("admin listening addr="));
-            if let Some(line) = line {
-                let addr = line.split("addr=").nth(1).unwrap();
-                break addr.split_whitespace().next().unwrap().parse().unwrap();
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no admin line: {log:#?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    };
+    let admin = proxy.admin(1);
     assert_eq!(admin_get(admin, "GET", "/healthz"), (200, "ok\n".into()));
     assert_eq!(admin_get(admin, "GET", "/readyz"), (200, "ready\n".into()));
     assert_eq!(admin_get(admin, "POST", "/metrics").0, 405);
