@@ -187,9 +187,30 @@ impl Backend {
 
     /// Connects to this backend: to each of [`Backend::targets`] in turn until one accepts.
     pub async fn connect<N: crate::net::Net>(&self, net: &N) -> std::io::Result<N::Stream> {
+        self.connect_with(net, false).await
+    }
+
+    /// [`connect`](Self::connect) for a connection the proxy speaks first on (see
+    /// [`Net::connect_speaking`](crate::Net::connect_speaking)).
+    pub async fn connect_speaking<N: crate::net::Net>(
+        &self,
+        net: &N,
+    ) -> std::io::Result<N::Stream> {
+        self.connect_with(net, true).await
+    }
+
+    async fn connect_with<N: crate::net::Net>(
+        &self,
+        net: &N,
+        speaking: bool,
+    ) -> std::io::Result<N::Stream> {
         let mut last = None;
         for target in self.targets() {
-            match net.connect(&target).await {
+            let connected = match speaking {
+                true => net.connect_speaking(&target).await,
+                false => net.connect(&target).await,
+            };
+            match connected {
                 Ok(stream) => return Ok(stream),
                 Err(e) => last = Some(e),
             }

@@ -29,6 +29,11 @@ pub trait Listener: Send + Sync + 'static {
 
     /// The address this listener is bound to (useful after binding port 0).
     fn local_addr(&self) -> io::Result<SocketAddr>;
+
+    /// Says that on this listener's connections the client speaks first and the proxy answers
+    /// (an HTTP request): the runtime may then delay ACKs from the start, so that the request's
+    /// ACK goes with the answer, a packet less per connection. Does nothing by default.
+    fn client_speaks_first(&self) {}
 }
 
 /// The runtime a flow runs on: sockets, a clock and a spawner.
@@ -44,6 +49,17 @@ pub trait Net: Clone + Send + Sync + 'static {
     /// Connects to `addr` (`"host:port"`), resolving a host name at this moment, so a backend's
     /// DNS changes are picked up by the next connection.
     fn connect(&self, addr: &str) -> impl Future<Output = io::Result<Self::Stream>> + Send;
+
+    /// [`connect`](Net::connect) for a connection whose first bytes the proxy sends as soon as
+    /// it is up (an HTTP request, a TLS ClientHello): the runtime may hold back the last ACK of
+    /// the TCP handshake to send it with them, a packet less per connection. Not for a
+    /// protocol whose server speaks first, which would wait for that ACK.
+    fn connect_speaking(
+        &self,
+        addr: &str,
+    ) -> impl Future<Output = io::Result<Self::Stream>> + Send {
+        self.connect(addr)
+    }
 
     /// Completes after `d` has passed on this runtime's clock.
     fn sleep(&self, d: Duration) -> impl Future<Output = ()> + Send;
@@ -283,12 +299,30 @@ impl futures_lite::AsyncWrite for SmolStream {
     }
 }
 
+/// Connects to the first address `addr` resolves to that accepts, with `TCP_NODELAY`;
+/// `speaking`: see [`Net::connect_speaking`].
+async fn connect_to(addr: &str, speaking: bool) -> io::Result<SmolStream> {
+    let mut last = None;
+    for sa in async_net::resolve(addr).await? {
+        match connect(sa, speaking).await {
+            Ok(stream) => {
+                let _ = stream.get_ref().set_nodelay(true);
+                return Ok(stream);
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        io::Error::new(io::ErrorKind::NotFound, "the address resolves to nothing")
+    }))
+}
+
 /// Connects a non-blocking socket to `sa` and waits until it is connected.
 ///
 /// (`Async::connect` does the same but waits with a future that leaves a waker list allocated
 /// in the socket's async-io entry for the connection's whole life, ~170 bytes per tunnel.)
 #[cfg(unix)]
-async fn connect(sa: SocketAddr) -> io::Result<SmolStream> {
+async fn connect(sa: SocketAddr, speaking: bool) -> io::Result<SmolStream> {
     use rustix::net::{AddressFamily, SocketFlags, SocketType};
     let family = match sa {
         SocketAddr::V4(_) => AddressFamily::INET,
@@ -296,6 +330,14 @@ async fn connect(sa: SocketAddr) -> io::Result<SmolStream> {
     };
     let flags = SocketFlags::CLOEXEC | SocketFlags::NONBLOCK;
     let fd = rustix::net::socket_with(family, SocketType::STREAM, flags, None)?;
+    // Delayed ACKs from the start: the handshake's last ACK goes with our first bytes. (A
+    // failure only costs that packet.)
+    #[cfg(target_os = "linux")]
+    if speaking {
+        let _ = rustix::net::sockopt::set_tcp_quickack(&fd, false);
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = speaking;
     match rustix::net::connect(&fd, &sa) {
         // A non-blocking connect goes on in the background (also when interrupted).
         Ok(()) | Err(rustix::io::Errno::INPROGRESS | rustix::io::Errno::INTR) => {}
@@ -329,7 +371,7 @@ async fn connect(sa: SocketAddr) -> io::Result<SmolStream> {
 }
 
 #[cfg(not(unix))]
-async fn connect(sa: SocketAddr) -> io::Result<SmolStream> {
+async fn connect(sa: SocketAddr, _speaking: bool) -> io::Result<SmolStream> {
     let stream = smol::Async::<std::net::TcpStream>::connect(sa).await?;
     Ok(SmolStream(Arc::new(stream)))
 }
@@ -506,6 +548,13 @@ impl Listener for SmolListener {
     fn local_addr(&self) -> io::Result<SocketAddr> {
         self.get_ref().local_addr()
     }
+
+    fn client_speaks_first(&self) {
+        // Linux: TCP_QUICKACK off on the listener, which the sockets it accepts inherit. (A
+        // failure only costs that packet.)
+        #[cfg(target_os = "linux")]
+        let _ = rustix::net::sockopt::set_tcp_quickack(self.get_ref(), false);
+    }
 }
 
 impl Net for SmolNet {
@@ -522,19 +571,11 @@ impl Net for SmolNet {
     }
 
     async fn connect(&self, addr: &str) -> io::Result<SmolStream> {
-        let mut last = None;
-        for sa in async_net::resolve(addr).await? {
-            match connect(sa).await {
-                Ok(stream) => {
-                    let _ = stream.get_ref().set_nodelay(true);
-                    return Ok(stream);
-                }
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| {
-            io::Error::new(io::ErrorKind::NotFound, "the address resolves to nothing")
-        }))
+        connect_to(addr, false).await
+    }
+
+    async fn connect_speaking(&self, addr: &str) -> io::Result<SmolStream> {
+        connect_to(addr, true).await
     }
 
     async fn sleep(&self, d: Duration) {
@@ -779,6 +820,27 @@ mod tests {
             drop(closed);
             let refused = net.connect(&addr).await.expect_err("a refused connect");
             assert_eq!(refused.kind(), io::ErrorKind::ConnectionRefused);
+        })
+    }
+
+    /// Delayed ACKs from the start on the connections of a listener whose clients speak first
+    /// (the ACK of a request is sent with the answer, not alone): `TCP_QUICKACK` reads back 0
+    /// on them. (On a connected socket the mode does not show once the handshake is over.)
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_listener_whose_clients_speak_first_delays_acks() {
+        use rustix::net::sockopt::tcp_quickack;
+        smol::block_on(async {
+            let net = SmolNet::new(Arc::new(smol::Executor::new()));
+            let listener = net.bind("127.0.0.1:0").await.unwrap();
+            listener.client_speaks_first();
+            let addr = listener.local_addr().unwrap().to_string();
+            for _ in 0..3 {
+                let (speaking, accepted) =
+                    futures_lite::future::zip(net.connect_speaking(&addr), listener.accept()).await;
+                assert!(speaking.is_ok());
+                assert!(!tcp_quickack(accepted.unwrap().0.get_ref()).unwrap());
+            }
         })
     }
 }

@@ -566,6 +566,7 @@ impl AdminServer {
         state: &Arc<crate::admin::State>,
     ) -> Result<AdminServer, Error> {
         let listener = bind(net, addr).await?;
+        listener.client_speaks_first();
         info!(
             "admin listening addr={} paths=/metrics,/healthz,/readyz",
             Listener::local_addr(&listener).map_or_else(|_| addr.to_string(), |a| a.to_string())
@@ -693,6 +694,7 @@ impl Live {
                     .collect::<Vec<_>>(),
             ),
             Section::Ws(s) => {
+                listener.client_speaks_first();
                 let all = s
                     .routes
                     .iter()

@@ -189,6 +189,7 @@ impl WsProxy {
             .flat_map(|r| r.backends.iter().map(|b| b.address.clone()))
             .collect();
         let name = self.section.name.clone();
+        crate::net::Listener::client_speaks_first(&listener);
         server::log_listening(
             "ws",
             &name,
@@ -629,7 +630,9 @@ impl Flow {
             let tried = net.now();
             let mut connect_took = None;
             let attempt = async {
-                let mut upstream = net::timeout(net, limit, backend_ref.connect(net)).await?;
+                // The upgrade request (or the TLS ClientHello) goes out at once.
+                let connect = backend_ref.connect_speaking(net);
+                let mut upstream = net::timeout(net, limit, connect).await?;
                 connect_took = Some(net.now().duration_since(tried));
                 let mut upstream = match (&self.connector, backend_ref.is_tls()) {
                     (Some(c), true) => {
