@@ -409,15 +409,17 @@ impl SmolListener {
     /// Wraps an already-bound listener, e.g. one bound to port 0 by a test.
     pub fn new(listener: async_net::TcpListener) -> Self {
         let listener: Arc<smol::Async<std::net::TcpListener>> = listener.into();
+        // Into our reactor through a duplicate of the descriptor (the socket lives on in it
+        // when async-io's entry is dropped); if that cannot be done, async-io's entry serves.
         #[cfg(target_os = "linux")]
-        let listener = match Arc::try_unwrap(listener) {
-            // Out of async-io's reactor and into ours.
-            Ok(only) => match only.into_inner().and_then(SmolListener::registered) {
-                Ok(ours) => return ours,
-                Err(e) => return SmolListener::failed(e),
-            },
-            Err(shared) => shared,
-        };
+        match listener
+            .get_ref()
+            .try_clone()
+            .and_then(SmolListener::registered)
+        {
+            Ok(ours) => return ours,
+            Err(e) => crate::log::warn!("a listener stays with async-io: {e}"),
+        }
         SmolListener::with(ListenIo::AsyncIo(listener))
     }
 
@@ -438,12 +440,19 @@ impl SmolListener {
         }
     }
 
-    /// Registers a bound, listening socket.
+    /// Registers a bound, listening socket (with async-io if our reactor will not have it).
     fn registered(listener: std::net::TcpListener) -> io::Result<Self> {
         listener.set_nonblocking(true)?;
         #[cfg(target_os = "linux")]
-        return crate::reactor::Source::new(listener, true, false)
-            .map(|source| SmolListener::with(ListenIo::Reactor(source)));
+        {
+            // (A duplicate to fall back on: this is once per listener.)
+            let spare = listener.try_clone()?;
+            match crate::reactor::Source::new(listener, true, false) {
+                Ok(source) => return Ok(SmolListener::with(ListenIo::Reactor(source))),
+                Err(e) => crate::log::warn!("a listener goes through async-io: {e}"),
+            }
+            smol::Async::new(spare).map(|l| SmolListener::with(ListenIo::AsyncIo(Arc::new(l))))
+        }
         #[cfg(not(target_os = "linux"))]
         smol::Async::new(listener).map(|l| SmolListener::with(ListenIo::AsyncIo(Arc::new(l))))
     }
@@ -468,17 +477,6 @@ impl SmolListener {
         }
         // Failing to set the option only costs latency; the connection is still good.
         let _ = stream.set_nodelay(true);
-    }
-
-    /// (`new` cannot fail, so a listener that could not be moved is one whose accepts fail.)
-    #[cfg(target_os = "linux")]
-    fn failed(e: io::Error) -> Self {
-        crate::log::warn!("cannot register a listener: {e}");
-        let closed = std::net::TcpListener::bind("127.0.0.1:0").and_then(smol::Async::new);
-        match closed {
-            Ok(l) => SmolListener::with(ListenIo::AsyncIo(Arc::new(l))),
-            Err(_) => panic!("cannot register a listener: {e}"),
-        }
     }
 
     fn get_ref(&self) -> &std::net::TcpListener {
