@@ -23,47 +23,17 @@ pub(crate) fn line(level: &str, args: fmt::Arguments<'_>) {
 
 /// Runs `f` with the thread's buffer `key`, emptied (or a new one, when that is in use or
 /// gone), and keeps at most [`LINE_KEPT`] bytes of it afterwards.
-fn with_buffer<B: Default + Buffers>(key: &'static LocalKey<RefCell<B>>, f: impl FnOnce(&mut B)) {
+fn with_buffer(key: &'static LocalKey<RefCell<String>>, f: impl FnOnce(&mut String)) {
     let mut f = Some(f);
     let _ = key.try_with(|cell| {
-        if let Ok(mut bufs) = cell.try_borrow_mut() {
-            bufs.clear_all();
-            if let Some(f) = f.take() {
-                f(&mut bufs);
-            }
-            bufs.shrink();
+        if let (Ok(mut buf), Some(f)) = (cell.try_borrow_mut(), f.take()) {
+            buf.clear();
+            f(&mut buf);
+            buf.shrink_to(LINE_KEPT);
         }
     });
     if let Some(f) = f {
-        f(&mut B::default());
-    }
-}
-
-/// The buffers of [`with_buffer`].
-trait Buffers {
-    fn clear_all(&mut self);
-    fn shrink(&mut self);
-}
-
-impl Buffers for String {
-    fn clear_all(&mut self) {
-        self.clear();
-    }
-
-    fn shrink(&mut self) {
-        self.shrink_to(LINE_KEPT);
-    }
-}
-
-impl Buffers for (String, String) {
-    fn clear_all(&mut self) {
-        self.0.clear();
-        self.1.clear();
-    }
-
-    fn shrink(&mut self) {
-        self.0.shrink();
-        self.1.shrink();
+        f(&mut String::new());
     }
 }
 
@@ -72,9 +42,9 @@ const LINE_KEPT: usize = 1024;
 
 std::thread_local! {
     /// The line being written ([`line`]), and the access line being put together
-    /// ([`Access::write`]) with a scratch buffer for one of its values.
+    /// ([`Access::write`]).
     static LINE: RefCell<String> = const { RefCell::new(String::new()) };
-    static ACCESS: RefCell<(String, String)> = const { RefCell::new((String::new(), String::new())) };
+    static ACCESS: RefCell<String> = const { RefCell::new(String::new()) };
 }
 
 /// Milliseconds since the Unix epoch, shown as RFC 3339 UTC (`2026-11-22T07:40:00.123Z`).
@@ -185,23 +155,23 @@ impl Access {
 
     fn write(&self, event: &str) {
         let json = JSON.load(std::sync::atomic::Ordering::Relaxed);
-        with_buffer(&ACCESS, |(out, scratch)| {
+        with_buffer(&ACCESS, |out| {
             if json {
                 let now = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .unwrap_or_default();
-                self.render(event, Some(Timestamp(now.as_millis() as u64)), out, scratch);
+                self.render(event, Some(Timestamp(now.as_millis() as u64)), out);
                 out.push('\n');
                 eprint!("{out}");
             } else {
-                self.render(event, None, out, scratch);
+                self.render(event, None, out);
                 line("INFO", format_args!("{out}"));
             }
         });
     }
 
     /// The line's text: `access key=value ...`, or a JSON object when `time` is given.
-    fn render(&self, event: &str, time: Option<Timestamp>, out: &mut String, scratch: &mut String) {
+    fn render(&self, event: &str, time: Option<Timestamp>, out: &mut String) {
         let json = time.is_some();
         match time {
             Some(time) => {
@@ -235,9 +205,11 @@ impl Access {
             text(out, "route", route);
         }
         if let Some(client) = self.client {
-            scratch.clear();
-            let _ = write!(scratch, "{client}");
-            text(out, "client", scratch);
+            // (An address needs neither quotes in text nor escapes in JSON.)
+            let _ = match json {
+                true => write!(out, ",\"client\":\"{client}\""),
+                false => write!(out, " client={client}"),
+            };
         }
         if let Some(backend) = &self.backend {
             text(out, "backend", backend);
@@ -312,8 +284,8 @@ mod tests {
             end: "client closed".into(),
         };
         let render = |access: &Access, event, time| {
-            let (mut out, mut scratch) = (String::new(), String::new());
-            access.render(event, time, &mut out, &mut scratch);
+            let mut out = String::new();
+            access.render(event, time, &mut out);
             out
         };
         assert_eq!(

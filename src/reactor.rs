@@ -364,7 +364,7 @@ impl Reactor {
         let mut cx = Context::from_waker(&self.waker);
         while self.drivers.load(SeqCst) == 0 {
             match self.epoll.poll_readable(&mut cx) {
-                Poll::Ready(Ok(())) => self.collect(Some(Duration::ZERO), false),
+                Poll::Ready(Ok(())) => self.collect(Duration::ZERO, false),
                 Poll::Ready(Err(e)) => {
                     // Re-arming failed: nothing will wake the streams again.
                     crate::log::warn!("the stream reactor stopped: {e}");
@@ -375,20 +375,20 @@ impl Reactor {
         }
     }
 
-    /// Waits up to `timeout` (`None`: until an event) for events, and wakes the tasks they
-    /// are for (`blocking`: [`Timers::blocked`] was set for this wait); then takes whatever more the instance has without waiting, and fires the
-    /// timers that are due.
-    fn collect(&self, mut timeout: Option<Duration>, mut blocking: bool) {
+    /// Waits up to `timeout` for events and wakes the tasks they are for (`blocking`:
+    /// [`Timers::blocked`] was set for this wait); then takes whatever more the instance has
+    /// without waiting, and fires the timers that are due.
+    fn collect(&self, mut timeout: Duration, mut blocking: bool) {
         EVENTS.with(|events| {
             let mut events = events.borrow_mut();
             loop {
                 events.clear();
-                let spec = timeout.map(|t| Timespec {
-                    tv_sec: t.as_secs() as i64,
-                    tv_nsec: t.subsec_nanos().into(),
-                });
+                let spec = Timespec {
+                    tv_sec: timeout.as_secs() as i64,
+                    tv_nsec: timeout.subsec_nanos().into(),
+                };
                 let spare = rustix::buffer::spare_capacity(&mut *events);
-                let waited = epoll::wait(self.epoll.get_ref(), spare, spec.as_ref());
+                let waited = epoll::wait(self.epoll.get_ref(), spare, Some(&spec));
                 if blocking {
                     lock(&self.timers).blocked = None;
                     blocking = false;
@@ -423,7 +423,7 @@ impl Reactor {
                 if events.len() < BATCH {
                     break;
                 }
-                timeout = Some(Duration::ZERO);
+                timeout = Duration::ZERO;
             }
         });
         self.fire_timers();
@@ -454,7 +454,7 @@ impl Reactor {
     /// if `block`; otherwise only takes what is there already.
     fn turn(&self, block: bool) {
         if !block {
-            return self.collect(Some(Duration::ZERO), false);
+            return self.collect(Duration::ZERO, false);
         }
         let timeout = {
             let mut timers = lock(&self.timers);
@@ -463,9 +463,7 @@ impl Reactor {
             // Rounded up to the millisecond, as epoll_wait may count: never early. At most a
             // minute (older kernels refuse waits of 25 days and more).
             let left = next.map_or(MAX_WAIT, |at| at.saturating_duration_since(Instant::now()));
-            Some(Duration::from_millis(
-                left.min(MAX_WAIT).as_nanos().div_ceil(1_000_000) as u64,
-            ))
+            Duration::from_millis(left.min(MAX_WAIT).as_nanos().div_ceil(1_000_000) as u64)
         };
         self.collect(timeout, true);
     }
@@ -629,6 +627,13 @@ std::thread_local! {
     static DRIVING: Cell<bool> = const { Cell::new(false) };
 }
 
+/// Runs `f` marked as the thread that holds [`Reactor::driving`].
+fn driving(f: impl FnOnce()) {
+    DRIVING.with(|d| d.set(true));
+    f();
+    DRIVING.with(|d| d.set(false));
+}
+
 /// How a [`block_on`] thread is woken: by an `unpark` while it is parked, by the reactor's
 /// eventfd while it is blocked in `epoll_wait`.
 struct Parker {
@@ -707,14 +712,12 @@ pub(crate) fn block_on<T>(future: impl Future<Output = T>) -> T {
                 Ok(_driving) => {
                     parker.io_blocked.store(true, SeqCst);
                     // (Woken between the check above and the flag: then not blocked.)
-                    let block = !parker.woken.load(SeqCst);
-                    DRIVING.with(|d| d.set(true));
-                    if block {
-                        reactor.busy_poll(&parker.woken);
-                    }
-                    let block = !parker.woken.load(SeqCst);
-                    reactor.turn(block);
-                    DRIVING.with(|d| d.set(false));
+                    driving(|| {
+                        if !parker.woken.load(SeqCst) {
+                            reactor.busy_poll(&parker.woken);
+                        }
+                        reactor.turn(!parker.woken.load(SeqCst));
+                    });
                     parker.io_blocked.store(false, SeqCst);
                     turned = true;
                 }
@@ -731,9 +734,7 @@ pub(crate) fn block_on<T>(future: impl Future<Output = T>) -> T {
         // has work does not leave the sockets unheard.
         if !turned {
             if let Ok(_driving) = reactor.driving.try_lock() {
-                DRIVING.with(|d| d.set(true));
-                reactor.turn(false);
-                DRIVING.with(|d| d.set(false));
+                driving(|| reactor.turn(false));
             }
         }
     }

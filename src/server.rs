@@ -439,7 +439,7 @@ pub fn run_reloading(
     block_on(|net| async move {
         let tracker = Arc::new(Tracker::default());
         let mut drain = config.drain_timeout_ms;
-        let config_admin = config.admin_listen.clone();
+        let admin_listen = config.admin_listen.clone();
         crate::log::configure(config.log_json, config.log_open);
         busy_poll(config.busy_poll_us);
         // The process-wide cap is read at start-up; a reload does not change it.
@@ -453,7 +453,6 @@ pub fn run_reloading(
         let admin = Arc::new(crate::admin::State::default());
         // Every listener is bound (the kernel queues their connections from here on).
         admin.set_listening();
-        let mut admin_listen = config_admin.clone();
         let mut admin_server = match &admin_listen {
             Some(addr) => Some(AdminServer::start(&net, addr, &admin).await?),
             None => None,
@@ -482,23 +481,20 @@ pub fn run_reloading(
             drain = config.drain_timeout_ms;
             crate::log::configure(config.log_json, config.log_open);
             busy_poll(config.busy_poll_us);
-            if config.admin_listen != admin_listen {
+            let running = admin_server.as_ref().map(|a| a.addr.as_str());
+            if config.admin_listen.as_deref() != running {
                 match &config.admin_listen {
                     // The new address is bound before the old one closes: if it cannot be,
                     // the endpoint stays where it was rather than going away.
                     Some(addr) => match AdminServer::start(&net, addr, &admin).await {
-                        Ok(server) => {
-                            admin_server = Some(server);
-                            admin_listen = config.admin_listen.clone();
-                        }
+                        Ok(server) => admin_server = Some(server),
                         Err(e) => warn!(
                             "reload: the admin endpoint stays at {}: {e}",
-                            admin_listen.as_deref().unwrap_or("none")
+                            running.unwrap_or("none")
                         ),
                     },
                     None => {
                         admin_server = None;
-                        admin_listen = None;
                         info!("reload: the admin endpoint stopped");
                     }
                 }
@@ -555,6 +551,8 @@ pub fn run_reloading(
 
 /// The admin endpoint's listener, served until this is dropped.
 struct AdminServer {
+    /// The address as configured.
+    addr: String,
     _stop: async_channel::Sender<()>,
 }
 
@@ -579,7 +577,10 @@ impl AdminServer {
             };
             crate::admin::serve(&net2, listener, state, stop).await;
         });
-        Ok(AdminServer { _stop: stop })
+        Ok(AdminServer {
+            addr: addr.to_string(),
+            _stop: stop,
+        })
     }
 }
 
