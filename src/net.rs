@@ -631,6 +631,7 @@ mod splice {
     use std::cell::RefCell;
     use std::io;
     use std::os::fd::OwnedFd;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     use std::task::{Context, Poll};
 
@@ -639,8 +640,30 @@ mod splice {
 
     use crate::reactor::{Source, READ, WRITE};
 
-    /// The most one splice into the pipe asks for: a pipe's default capacity.
-    const CHUNK: usize = 64 * 1024;
+    /// The size a pipe is given when it is made, and what one splice into it asks for: four
+    /// times a pipe's default, so bulk data takes a quarter of the splices and wakeups. A pipe
+    /// holds the sockets' own pages (nothing is copied), so a larger one holds no more memory
+    /// than the bytes in it, and a pipe is held only while bytes are in it.
+    const PIPE_SIZE: usize = 256 * 1024;
+
+    /// At most this many enlarged pipes at once in the process. An unprivileged user's pipes
+    /// share a budget (`/proc/sys/fs/pipe-user-pages-soft`, 16384 pages by default), past which
+    /// new pipes get two pages; 128 pipes of 64 pages take half of it. Past the cap, pipes keep
+    /// the default size.
+    const BIG_PIPES_MAX: usize = 128;
+
+    /// Enlarged pipes alive in the process.
+    static BIG_PIPES: AtomicUsize = AtomicUsize::new(0);
+
+    /// The unsent bytes a socket that bulk data is spliced into may hold (`TCP_NOTSENT_LOWAT`;
+    /// it reads as writable again below half of it). Without a limit, a busy socket's send
+    /// buffer grows to megabytes of bytes not yet sent, which leave as the peer's ACKs arrive,
+    /// on whichever core handles those ACKs; with it, the proxy writes when the socket runs low
+    /// and its bytes leave at once, from the proxy's thread. It limits bytes queued, not bytes
+    /// in flight, so a long fat path still fills its window. Measured on loopback (README):
+    /// with the larger pipes, TCP throughput 0.56× → 0.81× direct with one connection and
+    /// 0.61× → 1.05× with eight.
+    const NOTSENT_LOWAT: u32 = 256 * 1024;
 
     /// Empty pipes kept per thread for the next burst, so a busy proxy does not create and close
     /// a pipe per message, while an idle tunnel holds no pipe (and no descriptors) at all.
@@ -649,6 +672,16 @@ mod splice {
     struct Pipe {
         read: OwnedFd,
         write: OwnedFd,
+        /// Counted in [`BIG_PIPES`].
+        big: bool,
+    }
+
+    impl Drop for Pipe {
+        fn drop(&mut self) {
+            if self.big {
+                BIG_PIPES.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
     }
 
     std::thread_local! {
@@ -660,7 +693,13 @@ mod splice {
             return Ok(p);
         }
         let (read, write) = pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)?;
-        Ok(Pipe { read, write })
+        // Enlarged while under the cap; a refusal (the user's pipe budget) keeps the default.
+        let big = BIG_PIPES.fetch_add(1, Ordering::Relaxed) < BIG_PIPES_MAX
+            && rustix::pipe::fcntl_setpipe_size(&write, PIPE_SIZE).is_ok();
+        if !big {
+            BIG_PIPES.fetch_sub(1, Ordering::Relaxed);
+        }
+        Ok(Pipe { read, write, big })
     }
 
     /// Gives an empty pipe back to this thread's pool (or closes it when the pool is full).
@@ -692,6 +731,8 @@ mod splice {
         /// Held only while bytes are in it (waiting for `dst` to take them).
         pipe: Option<Pipe>,
         in_pipe: usize,
+        /// `dst` has had [`NOTSENT_LOWAT`] set (on the first bulk bytes).
+        paced: bool,
     }
 
     impl std::fmt::Debug for Splicer {
@@ -709,6 +750,7 @@ mod splice {
                 dst,
                 pipe: None,
                 in_pipe: 0,
+                paced: false,
             }
         }
 
@@ -720,6 +762,12 @@ mod splice {
             cx: &mut Context<'_>,
         ) -> Poll<Result<usize, SpliceError>> {
             let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
+            if !self.paced {
+                self.paced = true;
+                // (A failure only costs the pacing.)
+                let dst = socket2::SockRef::from(self.dst.get_ref());
+                let _ = dst.set_tcp_notsent_lowat(NOTSENT_LOWAT);
+            }
             loop {
                 if let (Some(pipe), true) = (&self.pipe, self.in_pipe > 0) {
                     let Poll::Ready(tick) = self.dst.poll_ready(WRITE, cx) else {
@@ -763,7 +811,14 @@ mod splice {
                     };
                     // (A short splice is no sign of an empty socket, as a short read is: the
                     // pipe may have run out of slots. Only EAGAIN says so.)
-                    match splice(self.src.get_ref(), None, &pipe.write, None, CHUNK, flags) {
+                    match splice(
+                        self.src.get_ref(),
+                        None,
+                        &pipe.write,
+                        None,
+                        PIPE_SIZE,
+                        flags,
+                    ) {
                         Ok(0) => {
                             give_pipe(pipe);
                             return Poll::Ready(Ok(0));
@@ -785,6 +840,30 @@ mod splice {
                     }
                 }
             }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn pipes_are_enlarged_up_to_the_cap_and_counted_until_closed() {
+            // Other tests may hold pipes at the same time, so the counts are bounds.
+            let pipes: Vec<Pipe> = (0..BIG_PIPES_MAX + 2)
+                .map(|_| take_pipe().unwrap())
+                .collect();
+            let big = pipes.iter().filter(|p| p.big).count();
+            assert!((1..=BIG_PIPES_MAX).contains(&big), "{big} enlarged");
+            assert!(pipes.iter().any(|p| !p.big), "the cap holds");
+            for p in &pipes {
+                let size = rustix::pipe::fcntl_getpipe_size(&p.write).unwrap();
+                assert_eq!(size >= PIPE_SIZE, p.big, "{size} bytes");
+            }
+            assert!(BIG_PIPES.load(Ordering::Relaxed) >= big);
+            drop(pipes);
+            // Closed pipes leave the count, so a new one is enlarged again.
+            assert!(take_pipe().unwrap().big);
         }
     }
 }

@@ -663,6 +663,15 @@ mod tests {
             assert_eq!(&to_backend[..5], b"early");
             assert!(to_backend[5..] == up[..], "bytes arrive once and in order");
             assert_eq!(to_client, b"101 answer");
+            // The socket bulk data went into was paced (`net::splice::NOTSENT_LOWAT`); the one
+            // that only had the short answer was left alone.
+            let lowat = |s: &crate::SmolStream| {
+                socket2::SockRef::from(s.get_ref())
+                    .tcp_notsent_lowat()
+                    .unwrap()
+            };
+            assert_eq!(lowat(&backend), 256 * 1024);
+            assert_eq!(lowat(&client), 0);
         });
     }
 
