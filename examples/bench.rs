@@ -748,13 +748,15 @@ fn start_proxy(
         Target::Direct => unreachable!(),
         Target::Portcullis | Target::Baseline => {
             let file = dir.join("portcullis.toml");
-            // BENCH_CONFIG / BENCH_BASELINE_CONFIG: top-level settings for the portcullis /
-            // the baseline column, e.g. "busy_poll_us = 100".
+            // No access lines, as nginx (`access_log off`) and HAProxy (no `log`) write none:
+            // the same work. BENCH_CONFIG / BENCH_BASELINE_CONFIG replace these top-level
+            // settings for the portcullis / the baseline column, e.g. "busy_poll_us = 100"
+            // ("" for a build older than `access_log`).
             let top = match target {
                 Target::Baseline => std::env::var("BENCH_BASELINE_CONFIG"),
                 _ => std::env::var("BENCH_CONFIG"),
             }
-            .unwrap_or_default();
+            .unwrap_or_else(|_| "access_log = false".into());
             std::fs::write(
                 &file,
                 format!(
@@ -854,8 +856,8 @@ fn start_proxy(
     let child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        // portcullis writes an access line per connection to standard error: kept in the
-        // scratch directory (the last run's only), shown if the proxy fails to start.
+        // portcullis's standard error: kept in the scratch directory (the last run's only),
+        // shown if the proxy fails to start.
         .stderr(std::fs::File::create(dir.join("stderr.log"))?)
         .spawn()?;
     let proxy = Proxy {

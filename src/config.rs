@@ -71,6 +71,9 @@ pub struct Config {
     pub log_json: bool,
     /// A line when a tunnel opens too, not only when it ends (`log_open`).
     pub log_open: bool,
+    /// Access lines at all (`access_log`, default true); `false` is nginx's `access_log off`.
+    /// Warnings and the start-up lines are written either way.
+    pub access_log: bool,
     /// Where the admin endpoint listens (`[admin] listen`): `/metrics`, `/healthz`, `/readyz`.
     pub admin_listen: Option<String>,
     /// How long a thread of the proxy goes on polling for events, in microseconds, before it
@@ -348,6 +351,9 @@ impl fmt::Display for Config {
             "on shutdown: drain for up to {} ms",
             self.drain_timeout_ms
         )?;
+        if !self.access_log {
+            writeln!(f, "access lines: off")?;
+        }
         if self.busy_poll_us > 0 {
             writeln!(
                 f,
@@ -516,6 +522,7 @@ mod raw {
         pub max_connections: Option<Spanned<u64>>,
         pub log_format: Option<Spanned<String>>,
         pub log_open: Option<bool>,
+        pub access_log: Option<bool>,
         pub busy_poll_us: Option<Spanned<u64>>,
         pub admin: Option<Spanned<Admin>>,
         #[serde(default)]
@@ -888,6 +895,7 @@ impl Source<'_> {
                     )),
                 },
                 log_open: raw.log_open.unwrap_or(false),
+                access_log: raw.access_log.unwrap_or(true),
                 busy_poll_us: match &raw.busy_poll_us {
                     None => 0,
                     Some(v) if *v.get_ref() > MAX_BUSY_POLL_US => return Err(self.error(
@@ -1998,6 +2006,19 @@ mod tests {
         assert_eq!(c.ws_proxy[0].read_timeout_ms, 30_000);
         assert_eq!(c.listeners(), 2);
         assert_eq!(c.busy_poll_us, 0, "busy polling is off by default");
+        assert!(c.access_log, "access lines are on by default");
+        assert!(!c.to_string().contains("access lines"), "{c}");
+    }
+
+    #[test]
+    fn access_lines_can_be_turned_off_and_check_says_so() {
+        let c = Config::parse(
+            "access_log = false\n[[tcp_proxy]]\nlisten = \"127.0.0.1:1\"\nbackends = [\"b:2\"]\n",
+            "t.toml",
+        )
+        .unwrap();
+        assert!(!c.access_log);
+        assert!(c.to_string().contains("access lines: off"), "{c}");
     }
 
     #[test]

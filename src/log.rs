@@ -97,10 +97,14 @@ static JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(
 /// A line when a tunnel opens too (`log_open = true`), not only when it ends.
 static LOG_OPEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// Access lines at all (`access_log = false` turns them off).
+static ACCESS_LOG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
 /// Sets the process-wide access-log options.
-pub(crate) fn configure(json: bool, log_open: bool) {
+pub(crate) fn configure(json: bool, log_open: bool, access_log: bool) {
     JSON.store(json, std::sync::atomic::Ordering::Relaxed);
     LOG_OPEN.store(log_open, std::sync::atomic::Ordering::Relaxed);
+    ACCESS_LOG.store(access_log, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// What one connection did, for its access-log line.
@@ -154,6 +158,9 @@ impl Access {
     }
 
     fn write(&self, event: &str) {
+        if !ACCESS_LOG.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         let json = JSON.load(std::sync::atomic::Ordering::Relaxed);
         with_buffer(&ACCESS, |out| {
             if json {

@@ -440,7 +440,7 @@ pub fn run_reloading(
         let tracker = Arc::new(Tracker::default());
         let mut drain = config.drain_timeout_ms;
         let admin_listen = config.admin_listen.clone();
-        crate::log::configure(config.log_json, config.log_open);
+        crate::log::configure(config.log_json, config.log_open, config.access_log);
         busy_poll(config.busy_poll_us);
         // The process-wide cap is read at start-up; a reload does not change it.
         let global = tracker.global(config.max_connections);
@@ -479,7 +479,7 @@ pub fn run_reloading(
                 }
             };
             drain = config.drain_timeout_ms;
-            crate::log::configure(config.log_json, config.log_open);
+            crate::log::configure(config.log_json, config.log_open, config.access_log);
             busy_poll(config.busy_poll_us);
             let running = admin_server.as_ref().map(|a| a.addr.as_str());
             if config.admin_listen.as_deref() != running {

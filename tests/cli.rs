@@ -570,6 +570,30 @@ fn the_access_log_has_the_byte_counts_of_a_known_connection_in_text_and_json() {
 }
 
 #[test]
+fn access_log_false_writes_no_access_line_and_keeps_the_others() {
+    let backend = echo_backend();
+    let file = config_file(
+        "access-off.toml",
+        &format!(
+            "access_log = false\nlog_open = true\n\n\
+             [[tcp_proxy]]\nname = \"quiet\"\nlisten = \"127.0.0.1:0\"\nbackends = [\"{backend}\"]\n"
+        ),
+    );
+    let proxy = start(&["--config", file.to_str().unwrap()], 1);
+    assert_eq!(
+        echo_through(proxy.addr("quiet"), b"twelve bytes"),
+        b"twelve bytes"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let log = proxy.log.lock().unwrap().clone();
+    assert!(
+        log.iter().any(|l| l.contains("quiet")),
+        "the start-up lines are still written: {log:#?}"
+    );
+    assert!(!log.iter().any(|l| l.contains(" access ")), "{log:#?}");
+}
+
+#[test]
 fn reuse_port_lets_two_processes_share_a_port_and_without_it_the_second_fails() {
     let backend = echo_backend();
     // A free port: taken from a listener dropped at once (nothing else binds it deliberately).

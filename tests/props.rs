@@ -655,6 +655,7 @@ fn tomlish() -> impl Strategy<Value = String> {
         "backup",
         "reuse_port",
         "log_open",
+        "access_log",
     ]);
     let value = prop_oneof![
         any::<i64>().prop_map(|n| n.to_string()),
