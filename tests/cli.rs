@@ -516,24 +516,34 @@ fn the_process_wide_max_connections_counts_every_section() {
     );
 }
 
+/// The log lines of a proxy with the given top-level settings and one TCP section, `known`,
+/// after one 12-byte echo through it.
+fn log_of_one_echo(file: &str, top: &str, backend: SocketAddr) -> Vec<String> {
+    let file = config_file(
+        file,
+        &format!(
+            "{top}\n\n[[tcp_proxy]]\nname = \"known\"\nlisten = \"127.0.0.1:0\"\nbackends = [\"{backend}\"]\n"
+        ),
+    );
+    let proxy = start(&["--config", file.to_str().unwrap()], 1);
+    assert_eq!(
+        echo_through(proxy.addr("known"), b"twelve bytes"),
+        b"twelve bytes"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let log = proxy.log.lock().unwrap().clone();
+    log
+}
+
 #[test]
 fn the_access_log_has_the_byte_counts_of_a_known_connection_in_text_and_json() {
     let backend = echo_backend();
     for format in ["text", "json"] {
-        let file = config_file(
+        let log = log_of_one_echo(
             &format!("access-{format}.toml"),
-            &format!(
-                "log_format = \"{format}\"\nlog_open = true\n\n\
-                 [[tcp_proxy]]\nname = \"known\"\nlisten = \"127.0.0.1:0\"\nbackends = [\"{backend}\"]\n"
-            ),
+            &format!("log_format = \"{format}\"\nlog_open = true"),
+            backend,
         );
-        let proxy = start(&["--config", file.to_str().unwrap()], 1);
-        assert_eq!(
-            echo_through(proxy.addr("known"), b"twelve bytes"),
-            b"twelve bytes"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-        let log = proxy.log.lock().unwrap().clone();
         let pick = |event: &str| {
             log.iter()
                 .find(|l| match format {
@@ -572,22 +582,13 @@ fn the_access_log_has_the_byte_counts_of_a_known_connection_in_text_and_json() {
 #[test]
 fn access_log_false_writes_no_access_line_and_keeps_the_others() {
     let backend = echo_backend();
-    let file = config_file(
+    let log = log_of_one_echo(
         "access-off.toml",
-        &format!(
-            "access_log = false\nlog_open = true\n\n\
-             [[tcp_proxy]]\nname = \"quiet\"\nlisten = \"127.0.0.1:0\"\nbackends = [\"{backend}\"]\n"
-        ),
+        "access_log = false\nlog_open = true",
+        backend,
     );
-    let proxy = start(&["--config", file.to_str().unwrap()], 1);
-    assert_eq!(
-        echo_through(proxy.addr("quiet"), b"twelve bytes"),
-        b"twelve bytes"
-    );
-    std::thread::sleep(Duration::from_millis(200));
-    let log = proxy.log.lock().unwrap().clone();
     assert!(
-        log.iter().any(|l| l.contains("quiet")),
+        log.iter().any(|l| l.contains("known")),
         "the start-up lines are still written: {log:#?}"
     );
     assert!(!log.iter().any(|l| l.contains(" access ")), "{log:#?}");
