@@ -660,9 +660,8 @@ mod splice {
     /// buffer grows to megabytes of bytes not yet sent, which leave as the peer's ACKs arrive,
     /// on whichever core handles those ACKs; with it, the proxy writes when the socket runs low
     /// and its bytes leave at once, from the proxy's thread. It limits bytes queued, not bytes
-    /// in flight, so a long fat path still fills its window. Measured on loopback (README):
-    /// with the larger pipes, TCP throughput 0.56× → 0.81× direct with one connection and
-    /// 0.61× → 1.05× with eight.
+    /// in flight, so a long fat path still fills its window. Measured with the larger pipes, and
+    /// against other sizes, in the README ("Pacing bulk writes").
     const NOTSENT_LOWAT: u32 = 256 * 1024;
 
     /// Empty pipes kept per thread for the next burst, so a busy proxy does not create and close
