@@ -2011,25 +2011,17 @@ mod tests {
     }
 
     #[test]
-    fn access_lines_can_be_turned_off_and_check_says_so() {
+    fn busy_polling_and_access_lines_off_are_read_and_shown_by_check() {
         let c = Config::parse(
-            "access_log = false\n[[tcp_proxy]]\nlisten = \"127.0.0.1:1\"\nbackends = [\"b:2\"]\n",
-            "t.toml",
-        )
-        .unwrap();
-        assert!(!c.access_log);
-        assert!(c.to_string().contains("access lines: off"), "{c}");
-    }
-
-    #[test]
-    fn busy_polling_is_read_and_shown_by_check() {
-        let c = Config::parse(
-            "busy_poll_us = 150\n[[tcp_proxy]]\nlisten = \"127.0.0.1:1\"\nbackends = [\"b:2\"]\n",
+            "busy_poll_us = 150\naccess_log = false\n\
+             [[tcp_proxy]]\nlisten = \"127.0.0.1:1\"\nbackends = [\"b:2\"]\n",
             "t.toml",
         )
         .unwrap();
         assert_eq!(c.busy_poll_us, 150);
         assert!(c.to_string().contains("poll for up to 150 µs"), "{c}");
+        assert!(!c.access_log);
+        assert!(c.to_string().contains("access lines: off"), "{c}");
     }
 
     #[test]
