@@ -468,17 +468,28 @@ impl Reactor {
         self.collect(timeout, true);
     }
 
-    /// Polls for events without sleeping until `woken` is set or [`set_busy_poll`]'s time
-    /// has passed.
-    fn busy_poll(&self, woken: &AtomicBool) {
-        let spin = BUSY_POLL_NS.load(Relaxed);
-        if spin == 0 {
-            return;
+    /// Waits for work for a [`block_on`] thread: polls for up to the thread's polling window
+    /// ([`next_window`]), then sleeps in `epoll_wait` until an event, a timer or a wakeup.
+    fn wait(&self, woken: &AtomicBool) {
+        let most = BUSY_POLL_NS.load(Relaxed);
+        if most == 0 || woken.load(SeqCst) {
+            return self.turn(!woken.load(SeqCst));
         }
-        let start = Instant::now();
-        while !woken.load(SeqCst) && start.elapsed().as_nanos() < u128::from(spin) {
-            self.turn(false);
+        let window = WINDOW.with(Cell::get);
+        if window > 0 {
+            let start = Instant::now();
+            while start.elapsed().as_nanos() < u128::from(window) {
+                self.turn(false);
+                if woken.load(SeqCst) {
+                    return;
+                }
+                std::thread::yield_now();
+            }
         }
+        let slept_from = Instant::now();
+        self.turn(!woken.load(SeqCst));
+        let slept = slept_from.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
+        WINDOW.with(|w| w.set(next_window(window, slept, most)));
     }
 
     /// Wakes the thread blocked in `epoll_wait`, if one is.
@@ -489,16 +500,42 @@ impl Reactor {
     }
 }
 
-/// How long a [`block_on`] thread goes on polling before it sleeps, in nanoseconds.
+/// The most a [`block_on`] thread polls before it sleeps, in nanoseconds (0: never).
 static BUSY_POLL_NS: AtomicU64 = AtomicU64::new(0);
 
+/// The window a polling window grows from: 10 µs, or the most if that is less.
+const FIRST_WINDOW_NS: u64 = 10_000;
+
+std::thread_local! {
+    /// How long this thread polls before it next sleeps, in nanoseconds ([`next_window`]).
+    static WINDOW: Cell<u64> = const { Cell::new(0) };
+}
+
 /// Makes [`block_on`] threads poll for events for up to `d` before they sleep in `epoll_wait`
-/// (as HAProxy's `busy-polling`, but bounded). A thread that sleeps takes an interrupt and a
-/// wakeup to get going again, which a virtual machine makes slow (tens of microseconds), and
-/// the peer that wakes it pays for that too. Polling costs CPU for as long as `d` after each
-/// burst of work, also at low load. Zero (the default) is off.
+/// (as HAProxy's `busy-polling`, but bounded and adaptive). A thread that sleeps takes an
+/// interrupt and a wakeup to get going again, which a virtual machine makes slow (tens of
+/// microseconds), and the peer that wakes it pays for that too. Each thread polls only while
+/// its work comes back within `d` ([`next_window`]): an idle or lightly loaded proxy sleeps
+/// at once. Zero (the default) is off.
 pub(crate) fn set_busy_poll(d: Duration) {
     BUSY_POLL_NS.store(d.as_nanos().min(u128::from(u64::MAX)) as u64, Relaxed);
+}
+
+/// A thread's next polling window, after polling for `window` found nothing and the thread
+/// then `slept` before work came; `most` is [`set_busy_poll`]'s. As KVM adapts how long a
+/// virtual CPU polls before it halts: work that came within `most` of the sleep would have
+/// been caught by a longer poll, so the window doubles (from [`FIRST_WINDOW_NS`], up to
+/// `most`); work that took longer means polling only burns CPU, so the window halves, and
+/// under the first window it is none. A poll that finds work keeps its window.
+fn next_window(window: u64, slept: u64, most: u64) -> u64 {
+    let first = FIRST_WINDOW_NS.min(most);
+    if slept <= most {
+        window.saturating_mul(2).clamp(first, most)
+    } else if window / 2 < first {
+        0
+    } else {
+        window / 2
+    }
 }
 
 /// Makes the process's reactor, if it is not made yet.
@@ -712,12 +749,7 @@ pub(crate) fn block_on<T>(future: impl Future<Output = T>) -> T {
                 Ok(_driving) => {
                     parker.io_blocked.store(true, SeqCst);
                     // (Woken between the check above and the flag: then not blocked.)
-                    driving(|| {
-                        if !parker.woken.load(SeqCst) {
-                            reactor.busy_poll(&parker.woken);
-                        }
-                        reactor.turn(!parker.woken.load(SeqCst));
-                    });
+                    driving(|| reactor.wait(&parker.woken));
                     parker.io_blocked.store(false, SeqCst);
                     turned = true;
                 }
@@ -984,6 +1016,28 @@ mod tests {
         let rest = &stat[stat.rfind(')').unwrap() + 2..];
         let fields: Vec<&str> = rest.split(' ').collect();
         fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    }
+
+    #[test]
+    fn the_polling_window_grows_while_work_comes_soon_and_closes_when_it_does_not() {
+        let (most, us) = (100_000, 1_000);
+        // Work that came soon after the thread went to sleep: poll longer, from 10 µs up.
+        assert_eq!(next_window(0, 5 * us, most), 10 * us);
+        assert_eq!(next_window(10 * us, 5 * us, most), 20 * us);
+        assert_eq!(
+            next_window(80 * us, 100 * us, most),
+            most,
+            "never over the most"
+        );
+        assert_eq!(next_window(most, 1, most), most);
+        // Work that took longer than the most: poll half as long, then not at all.
+        assert_eq!(next_window(most, 101 * us, most), 50 * us);
+        assert_eq!(next_window(20 * us, 10_000 * us, most), 10 * us);
+        assert_eq!(next_window(10 * us, 10_000 * us, most), 0);
+        assert_eq!(next_window(0, 10_000 * us, most), 0);
+        // A most under 10 µs is where the window starts.
+        assert_eq!(next_window(0, 1, 4 * us), 4 * us);
+        assert_eq!(next_window(4 * us, 5 * us, 4 * us), 0);
     }
 
     #[test]

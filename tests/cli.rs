@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 fn portcullis() -> Command {
     Command::new(env!("CARGO_BIN_EXE_portcullis"))
@@ -52,14 +52,14 @@ impl Running {
 
     /// Waits up to 5 s for the `nth` (from 1) line of the log that contains `needle`.
     fn wait_log(&self, needle: &str, nth: usize) -> String {
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let log = self.log.lock().unwrap().clone();
             if let Some(line) = log.iter().filter(|l| l.contains(needle)).nth(nth - 1) {
                 return line.clone();
             }
             assert!(
-                std::time::Instant::now() < deadline,
+                Instant::now() < deadline,
                 "no line {nth} with {needle:?}: {log:#?}"
             );
             std::thread::sleep(Duration::from_millis(20));
@@ -291,7 +291,7 @@ fn signal(child: &Child, name: &str) {
 
 /// Waits up to `limit` for the process to exit; its status code, or None if it is still running.
 fn exit_within(child: &mut Child, limit: Duration) -> Option<i32> {
-    let start = std::time::Instant::now();
+    let start = Instant::now();
     while start.elapsed() < limit {
         if let Some(status) = child.try_wait().unwrap() {
             return Some(status.code().unwrap_or(-1));
@@ -594,6 +594,73 @@ fn access_log_false_writes_no_access_line_and_keeps_the_others() {
     assert!(!log.iter().any(|l| l.contains(" access ")), "{log:#?}");
 }
 
+/// The proxy's CPU time while a client sends a byte through it and reads it back every `gap`
+/// for 300 ms, then while nothing comes for 500 ms; `top` heads the config.
+fn cpu_while_pinged_then_idle(file: &str, top: &str, gap: Duration) -> (Duration, Duration) {
+    let backend = echo_backend();
+    let path = config_file(
+        file,
+        &format!(
+            "{top}\n[[tcp_proxy]]\nname = \"t\"\nlisten = \"127.0.0.1:0\"\n\
+             backends = [\"{backend}\"]\n"
+        ),
+    );
+    let proxy = start(&["-c", path.to_str().unwrap()], 1);
+    let mut client = TcpStream::connect(proxy.addr("t")).unwrap();
+    client.set_nodelay(true).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut ping = |byte: u8| {
+        client.write_all(&[byte]).unwrap();
+        let mut got = [0u8];
+        client.read_exact(&mut got).unwrap();
+        assert_eq!(got[0], byte);
+    };
+    ping(0);
+    let pid = proxy.child.id();
+    let before = cpu_time(pid);
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(300) {
+        ping(1);
+        std::thread::sleep(gap);
+    }
+    let pinged = cpu_time(pid);
+    std::thread::sleep(Duration::from_millis(500));
+    let idle = cpu_time(pid);
+    ping(2);
+    (pinged - before, idle - pinged)
+}
+
+#[test]
+fn busy_polling_polls_while_work_comes_back_soon_and_sleeps_when_it_does_not() {
+    let ms = Duration::from_millis;
+    // Work every millisecond, within the 5 ms: the proxy polls through the gaps.
+    let (pinged, idle) = cpu_while_pinged_then_idle("poll-on.toml", "busy_poll_us = 5000", ms(1));
+    assert!(
+        pinged >= ms(100),
+        "{pinged:?} of CPU in 300 ms of pings a millisecond apart: it did not poll"
+    );
+    // Then nothing for 500 ms: one last poll of at most 5 ms, and it sleeps.
+    assert!(
+        idle <= ms(50),
+        "{idle:?} of CPU in 500 ms of nothing: the polling did not stop"
+    );
+    // Without polling the same pings cost little: the CPU above is the polling's.
+    let (pinged, _) = cpu_while_pinged_then_idle("poll-off.toml", "busy_poll_us = 0", ms(1));
+    assert!(
+        pinged < ms(100),
+        "{pinged:?} of CPU for 300 ms of pings without polling"
+    );
+    // Work 5 ms apart, beyond the 2 ms: polling would not catch it, so the proxy sleeps at once
+    // (polling 2 ms after each ping would take about 120 ms here).
+    let (pinged, _) = cpu_while_pinged_then_idle("poll-far.toml", "busy_poll_us = 2000", ms(5));
+    assert!(
+        pinged < ms(50),
+        "{pinged:?} of CPU for pings 5 ms apart: it polled for work that came later than 2 ms"
+    );
+}
+
 #[test]
 fn reuse_port_lets_two_processes_share_a_port_and_without_it_the_second_fails() {
     let backend = echo_backend();
@@ -727,7 +794,7 @@ fn sigterm_closes_websocket_clients_silent_for_a_second_and_finishes_the_rest() 
     // The client silent for over a second is closed at once, without an answer (nginx closes
     // its idle connections the same way), rather than holding the shutdown for its 20 s read
     // timeout; the fresh one gets a second from its accept to send something.
-    let began = std::time::Instant::now();
+    let began = Instant::now();
     let mut got = Vec::new();
     assert_eq!(silent.read_to_end(&mut got).unwrap(), 0);
     let idle_closed = began.elapsed();
@@ -859,8 +926,8 @@ fn parse_prometheus(text: &str) -> Vec<(String, f64)> {
 
 /// Whether `addr` refuses connections, within 2 s.
 fn refuses(addr: SocketAddr) -> bool {
-    let deadline = std::time::Instant::now() + Duration::from_secs(2);
-    while std::time::Instant::now() < deadline {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
         if TcpStream::connect(addr).is_err() {
             return true;
         }
@@ -961,14 +1028,14 @@ fn the_admin_endpoint_serves_metrics_that_match_the_traffic_and_readiness() {
         (bytes("to_backend"), bytes("to_client"))
     };
     let open_tunnel = (Some(5.0), Some(5.0 + head.len() as f64));
-    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let deadline = Instant::now() + Duration::from_secs(2);
     loop {
         let counted = chat_bytes(&admin_get(admin, "GET", "/metrics").1);
         if counted == open_tunnel {
             break;
         }
         assert!(
-            std::time::Instant::now() < deadline,
+            Instant::now() < deadline,
             "bytes of the open tunnel counted: {counted:?}, want {open_tunnel:?}"
         );
         std::thread::sleep(Duration::from_millis(20));
@@ -1043,12 +1110,9 @@ fn the_admin_endpoint_serves_metrics_that_match_the_traffic_and_readiness() {
     held.write_all(b"ping").unwrap();
     held.read_exact(&mut [0u8; 4]).unwrap();
     signal(&proxy.child, "TERM");
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(5);
     while admin_get(admin, "GET", "/readyz").1 != "not ready: draining\n" {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "readyz never said draining"
-        );
+        assert!(Instant::now() < deadline, "readyz never said draining");
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(admin_get(admin, "GET", "/healthz").0, 200);
@@ -1128,7 +1192,7 @@ fn out_of_descriptors_it_keeps_its_tunnels_backs_off_and_serves_again_when_they_
             log,
             addrs: Vec::new(),
         };
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(10);
         let field = |l: &str, key: &str| {
             let value = l.split(&format!(" {key}=")).nth(1).unwrap();
             value.split_whitespace().next().unwrap().to_string()
@@ -1140,7 +1204,7 @@ fn out_of_descriptors_it_keeps_its_tunnels_backs_off_and_serves_again_when_they_
                 .filter(|l| l.contains(" listening "))
                 .map(|l| (field(l, "name"), field(l, "addr").parse().unwrap()))
                 .collect();
-            assert!(std::time::Instant::now() < deadline, "no listening lines");
+            assert!(Instant::now() < deadline, "no listening lines");
             std::thread::sleep(Duration::from_millis(20));
         }
         running
@@ -1162,17 +1226,14 @@ fn out_of_descriptors_it_keeps_its_tunnels_backs_off_and_serves_again_when_they_
     // is what fails next. Dropping one pad later leaves exactly one to spare.
     assert!(echo(&mut TcpStream::connect(addr).unwrap(), b"warm"));
     let settled = || {
-        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        let deadline = Instant::now() + Duration::from_secs(3);
         loop {
             let n = open_fds(pid, limit);
             std::thread::sleep(Duration::from_millis(50));
             if n == open_fds(pid, limit) {
                 return n;
             }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "descriptors never settled"
-            );
+            assert!(Instant::now() < deadline, "descriptors never settled");
         }
     };
     let free = limit - settled();
@@ -1180,12 +1241,9 @@ fn out_of_descriptors_it_keeps_its_tunnels_backs_off_and_serves_again_when_they_
         .map(|_| TcpStream::connect(proxy.addr("pad")).unwrap())
         .collect();
     let room = (free - pads.len()) / 2;
-    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    let deadline = Instant::now() + Duration::from_secs(3);
     while limit - open_fds(pid, limit) != room * 2 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the pads were not accepted"
-        );
+        assert!(Instant::now() < deadline, "the pads were not accepted");
         std::thread::sleep(Duration::from_millis(10));
     }
     // Fill every descriptor, and then some: connections past the limit wait in the backlog.
@@ -1226,8 +1284,8 @@ fn out_of_descriptors_it_keeps_its_tunnels_backs_off_and_serves_again_when_they_
             .filter(|l| l.contains("reason=\"out of file descriptors\""))
             .count()
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(3);
-    while refusal_lines(&proxy.log.lock().unwrap()) == 0 && std::time::Instant::now() < deadline {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while refusal_lines(&proxy.log.lock().unwrap()) == 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(300));
@@ -1267,14 +1325,14 @@ fn out_of_descriptors_it_keeps_its_tunnels_backs_off_and_serves_again_when_they_
     let (alive, waiting): (Vec<_>, Vec<_>) = tunnels.into_iter().partition(|(_, ok)| *ok);
     drop(alive);
     // (The tunnels' descriptors are freed as their closes go through, within milliseconds.)
-    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let deadline = Instant::now() + Duration::from_secs(2);
     loop {
         let mut fresh = TcpStream::connect(addr).unwrap();
         if echo(&mut fresh, b"served again") {
             break;
         }
         assert!(
-            std::time::Instant::now() < deadline,
+            Instant::now() < deadline,
             "not serving after the exhaustion"
         );
         std::thread::sleep(Duration::from_millis(50));
@@ -1315,12 +1373,9 @@ fn the_soft_open_file_limit_is_raised_to_the_hard_one() {
         .map(|l| l.split_whitespace().nth(4).unwrap().to_string())
         .unwrap();
     // Once the shell has become the proxy, and the proxy has had a moment to start.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(5);
     while std::fs::read_to_string(format!("/proc/{}/comm", child.id())).unwrap() != "portcullis\n" {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never became portcullis"
-        );
+        assert!(Instant::now() < deadline, "never became portcullis");
         std::thread::sleep(Duration::from_millis(10));
     }
     std::thread::sleep(Duration::from_millis(300));
