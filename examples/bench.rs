@@ -750,8 +750,8 @@ fn start_proxy(
             let file = dir.join("portcullis.toml");
             // No access lines, as nginx (`access_log off`) and HAProxy (no `log`) write none:
             // the same work. BENCH_CONFIG / BENCH_BASELINE_CONFIG replace these top-level
-            // settings for the portcullis / the baseline column, e.g. "busy_poll_us = 100"
-            // ("" for a build older than `access_log`).
+            // settings for the portcullis / the baseline column, e.g. "busy_poll_us = 0" (polling
+            // off; it is on by default) or "" for a build older than `access_log`.
             let top = match target {
                 Target::Baseline => std::env::var("BENCH_BASELINE_CONFIG"),
                 _ => std::env::var("BENCH_CONFIG"),
