@@ -24,7 +24,9 @@
 //! | `portcullis_backend_up` | gauge | `pool`, `backend` |
 //! | `portcullis_tls_handshake_failures_total` | counter | `reason` (TLS listeners) |
 //!
-//! plus `portcullis_build_info` and the usual `process_*` series on Linux.
+//! plus `portcullis_build_info`, and on Linux the usual `process_*` series and
+//! `portcullis_thread_waits_total{how="polled"|"slept"}`: how often the proxy's threads ran out
+//! of work, and whether busy polling (`busy_poll_us`) or a sleep saw the next work come.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -560,6 +562,20 @@ fn render_at(now: Instant) -> String {
                 }
             }
         }
+    }
+
+    #[cfg(target_os = "linux")]
+    {
+        let name = "portcullis_thread_waits_total";
+        out.family(
+            name,
+            "counter",
+            "Times the proxy's threads ran out of work, by how the next work found them: \
+             how=\"polled\" while they polled (busy_poll_us), how=\"slept\" asleep.",
+        );
+        let (polled, slept) = crate::reactor::waits();
+        out.sample(name, &[("how", "polled")], polled);
+        out.sample(name, &[("how", "slept")], slept);
     }
 
     process(&mut out);

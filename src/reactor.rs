@@ -471,9 +471,13 @@ impl Reactor {
     /// Waits for work for a [`block_on`] thread: polls for up to the thread's polling window
     /// ([`next_window`]), then sleeps in `epoll_wait` until an event, a timer or a wakeup.
     fn wait(&self, woken: &AtomicBool) {
+        if woken.load(SeqCst) {
+            return self.turn(false);
+        }
         let most = BUSY_POLL_NS.load(Relaxed);
-        if most == 0 || woken.load(SeqCst) {
-            return self.turn(!woken.load(SeqCst));
+        if most == 0 {
+            WAITS[SLEPT].fetch_add(1, Relaxed);
+            return self.turn(true);
         }
         let window = WINDOW.with(Cell::get);
         if window > 0 {
@@ -481,13 +485,18 @@ impl Reactor {
             while start.elapsed().as_nanos() < u128::from(window) {
                 self.turn(false);
                 if woken.load(SeqCst) {
+                    WAITS[POLLED].fetch_add(1, Relaxed);
                     return;
                 }
                 std::thread::yield_now();
             }
         }
         let slept_from = Instant::now();
-        self.turn(!woken.load(SeqCst));
+        let block = !woken.load(SeqCst);
+        if block {
+            WAITS[SLEPT].fetch_add(1, Relaxed);
+        }
+        self.turn(block);
         let slept = slept_from.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
         WINDOW.with(|w| w.set(next_window(window, slept, most)));
     }
@@ -502,6 +511,19 @@ impl Reactor {
 
 /// The most a [`block_on`] thread polls before it sleeps, in nanoseconds (0: never).
 static BUSY_POLL_NS: AtomicU64 = AtomicU64::new(0);
+
+/// Times [`block_on`] threads ran out of work, by how the next work found them: while they
+/// polled ([`POLLED`]), or asleep in `epoll_wait` ([`SLEPT`]). For the metrics.
+static WAITS: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+/// [`WAITS`]' count of work found by polling.
+const POLLED: usize = 0;
+/// [`WAITS`]' count of sleeps.
+const SLEPT: usize = 1;
+
+/// How many times the proxy's threads ran out of work: (found the next by polling, slept).
+pub(crate) fn waits() -> (u64, u64) {
+    (WAITS[POLLED].load(Relaxed), WAITS[SLEPT].load(Relaxed))
+}
 
 /// The window a polling window grows from: 10 µs, or the most if that is less.
 const FIRST_WINDOW_NS: u64 = 10_000;
