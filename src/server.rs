@@ -388,6 +388,105 @@ where
         .await
 }
 
+/// A section's flow, as a builder's proxy serves it ([`serve_flow`]): `tcp::Flow`, `ws::Flow`.
+pub(crate) trait SectionFlow: Send + Sync + Sized + 'static {
+    /// The section it is made from.
+    type Section;
+    /// `kind=` in the log lines.
+    const KIND: &'static str;
+    /// The section's name.
+    fn section_name(section: &Self::Section) -> &str;
+    /// Every backend address of the section, for the listening line.
+    fn backend_names(section: &Self::Section) -> Vec<String>;
+    /// Validates the section and starts its background work (health checks, resolvers).
+    fn start<N: Net>(
+        net: &N,
+        section: Self::Section,
+        listen_addr: Option<SocketAddr>,
+        global: Option<Arc<crate::limit::Global>>,
+    ) -> Result<Arc<Self>, Error>;
+    /// Takes one accepted connection up to an open tunnel (PROXY header, limits, TLS, the
+    /// WebSocket handshake, the backend connect), or to its end (`None`).
+    fn open_tunnel<N: Net>(
+        self: Arc<Self>,
+        net: N,
+        client: N::Stream,
+        peer: SocketAddr,
+    ) -> impl Future<Output = Option<Box<crate::limit::Tunnel<N::Stream>>>> + Send + 'static;
+    /// The section's connection limits, its metrics, and the sender whose drop stops the
+    /// background work.
+    fn parts(&self) -> FlowParts<'_>;
+
+    /// Serves one accepted connection: the opening, in a box that is freed when the tunnel
+    /// opens, then the tunnel, so a connection's task is sized for the tunnel alone.
+    fn handle<N: Net>(
+        self: Arc<Self>,
+        net: N,
+        client: N::Stream,
+        peer: SocketAddr,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        // The tunnel comes back boxed too: the task then holds a pointer to it rather than a
+        // copy of it next to the one the opening's result occupied.
+        let opening = Box::pin(self.clone().open_tunnel(net.clone(), client, peer));
+        async move {
+            if let Some(mut tunnel) = opening.await {
+                let (admission, metrics, _) = self.parts();
+                tunnel.run(&net, admission, metrics).await;
+            }
+        }
+    }
+
+    /// Stops the background work (health checks, resolvers).
+    fn stop_background(&self) {
+        let (_, _, stop) = self.parts();
+        drop(stop.lock().unwrap_or_else(|e| e.into_inner()).take());
+    }
+}
+
+/// What [`SectionFlow::parts`] lends: limits, metrics, the background work's stop sender.
+pub(crate) type FlowParts<'a> = (
+    &'a crate::limit::Admission,
+    &'a crate::metrics::Section,
+    &'a std::sync::Mutex<Option<async_channel::Sender<()>>>,
+);
+
+/// A builder's proxy (`TcpProxy`, `WsProxy`) on any [`Net`]: logs the listener, starts the
+/// flow, accepts until `shutdown` completes, then drains for up to `drain_timeout`.
+pub(crate) async fn serve_flow<F: SectionFlow, N: Net>(
+    net: N,
+    listener: N::Listener,
+    shutdown: impl Future<Output = ()>,
+    section: F::Section,
+    drain_timeout: Duration,
+) -> Result<(), Error> {
+    let name = F::section_name(&section).to_string();
+    log_listening(
+        F::KIND,
+        &name,
+        listener.local_addr(),
+        &F::backend_names(&section),
+    );
+    let tracker = Tracker::default();
+    let flow = F::start(
+        &net,
+        section,
+        listener.local_addr().ok(),
+        Some(tracker.global(None)),
+    )?;
+    let slot = Slot::new(flow);
+    accept_until(&net, listener, shutdown, &tracker, |stream, peer| {
+        slot.get().handle(net.clone(), stream, peer)
+    })
+    .await;
+    slot.get().stop_background();
+    let left = tracker.drain(&net, drain_timeout).await;
+    info!(
+        "stopped kind={} name={name} open_connections_closed={left}",
+        F::KIND
+    );
+    Ok(())
+}
+
 /// Logs that a listener is up.
 pub(crate) fn log_listening(
     kind: &str,

@@ -12,7 +12,7 @@ use crate::balancer::{self, Balance, Pool, Retry};
 use crate::config::{BackendConfig, Balancing, TcpSection};
 use crate::health;
 use crate::limit;
-use crate::log::{info, warn, Access};
+use crate::log::{warn, Access};
 use crate::metrics;
 use crate::net;
 use crate::net::Net;
@@ -170,73 +170,30 @@ impl TcpProxy {
         listener: N::Listener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), Error> {
-        let names: Vec<String> = self
-            .section
-            .backends
-            .iter()
-            .map(|b| b.address.clone())
-            .collect();
-        let (kind, name) = ("tcp", self.section.name.clone());
-        server::log_listening(
-            kind,
-            &name,
-            crate::net::Listener::local_addr(&listener),
-            &names,
-        );
-        let tracker = server::Tracker::default();
-        let flow = Flow::start(
-            &net,
-            self.section,
-            crate::net::Listener::local_addr(&listener).ok(),
-            Some(tracker.global(None)),
-        )?;
-        let slot = server::Slot::new(flow);
-        server::accept_until(&net, listener, shutdown, &tracker, |stream, peer| {
-            slot.get().handle(net.clone(), stream, peer)
-        })
-        .await;
-        let flow = slot.get();
-        flow.stop_background();
-        let left = tracker.drain(&net, self.drain_timeout).await;
-        info!(
-            "stopped kind=tcp name={} open_connections_closed={left}",
-            flow.name
-        );
-        Ok(())
+        server::serve_flow::<Flow, N>(net, listener, shutdown, self.section, self.drain_timeout)
+            .await
     }
 }
 
-/// What every connection of one TCP proxy shares.
-pub(crate) struct Flow {
-    pub(crate) name: std::sync::Arc<str>,
-    admission: limit::Admission,
-    /// Dropped to stop this flow's health checks and resolver (on shutdown, or when a reload
-    /// replaces the flow).
-    stop: std::sync::Mutex<Option<async_channel::Sender<()>>>,
-    pool: Pool,
-    retry: Retry,
-    /// The PROXY protocol header to send each backend first, if any.
-    proxy_protocol: Option<proxy_protocol::Version>,
-    /// The listener's address: the PROXY header's destination when the runtime cannot tell
-    /// a stream's own local address.
-    listen_addr: Option<SocketAddr>,
-    metrics: Arc<metrics::Section>,
-    /// Terminates TLS on the listener (`tls`), with certificates read when the flow started.
-    acceptor: Option<tls::Acceptor>,
-    /// Speaks TLS to every backend (`upstream_tls`).
-    connector: Option<Arc<tls::Connector>>,
-    /// `[[tcp_proxy.sni_route]]`s in file order: a name pattern and its pool.
-    sni: Vec<(String, Pool)>,
-}
+impl server::SectionFlow for Flow {
+    type Section = TcpSection;
+    const KIND: &'static str = "tcp";
 
-impl Flow {
+    fn section_name(section: &TcpSection) -> &str {
+        &section.name
+    }
+
+    fn backend_names(section: &TcpSection) -> Vec<String> {
+        section.backends.iter().map(|b| b.address.clone()).collect()
+    }
+
     /// A flow as `s` configures it, with its health checks and resolver running on `net`.
-    pub(crate) fn start<N: Net>(
+    fn start<N: Net>(
         net: &N,
         s: TcpSection,
         listen_addr: Option<SocketAddr>,
         global: Option<Arc<limit::Global>>,
-    ) -> Result<Arc<Flow>, Error> {
+    ) -> Result<Arc<Self>, Error> {
         let bad = |why: String| Error::Config(format!("tcp proxy {}: {why}", s.name));
         if s.connect_timeout_ms == 0 {
             return Err(bad("the connect timeout must be positive".into()));
@@ -299,11 +256,44 @@ impl Flow {
         }))
     }
 
-    /// Stops this flow's health checks and resolver.
-    pub(crate) fn stop_background(&self) {
-        drop(self.stop.lock().unwrap_or_else(|e| e.into_inner()).take());
+    fn open_tunnel<N: Net>(
+        self: Arc<Self>,
+        net: N,
+        client: N::Stream,
+        peer: SocketAddr,
+    ) -> impl Future<Output = Option<Box<limit::Tunnel<N::Stream>>>> + Send + 'static {
+        self.connect(net, client, peer)
     }
 
+    fn parts(&self) -> server::FlowParts<'_> {
+        (&self.admission, &self.metrics, &self.stop)
+    }
+}
+
+/// What every connection of one TCP proxy shares.
+pub(crate) struct Flow {
+    pub(crate) name: std::sync::Arc<str>,
+    admission: limit::Admission,
+    /// Dropped to stop this flow's health checks and resolver (on shutdown, or when a reload
+    /// replaces the flow).
+    stop: std::sync::Mutex<Option<async_channel::Sender<()>>>,
+    pool: Pool,
+    retry: Retry,
+    /// The PROXY protocol header to send each backend first, if any.
+    proxy_protocol: Option<proxy_protocol::Version>,
+    /// The listener's address: the PROXY header's destination when the runtime cannot tell
+    /// a stream's own local address.
+    listen_addr: Option<SocketAddr>,
+    metrics: Arc<metrics::Section>,
+    /// Terminates TLS on the listener (`tls`), with certificates read when the flow started.
+    acceptor: Option<tls::Acceptor>,
+    /// Speaks TLS to every backend (`upstream_tls`).
+    connector: Option<Arc<tls::Connector>>,
+    /// `[[tcp_proxy.sni_route]]`s in file order: a name pattern and its pool.
+    sni: Vec<(String, Pool)>,
+}
+
+impl Flow {
     /// A TLS listener's handshake, or an `sni_route` listener's peek at the ClientHello:
     /// the client's stream, the bytes that belong to the tunnel, and the server name the
     /// client asked for. `Err(end)` when the connection ends here (warned and counted; `end`
@@ -360,25 +350,6 @@ impl Flow {
                     self.name
                 );
                 Err(format!("client sent no ClientHello to route by: {e}"))
-            }
-        }
-    }
-
-    /// Serves one connection: PROXY header, limits, TLS and the backend connect, in a box that
-    /// is freed when the tunnel opens, then the tunnel, so a connection's task is sized for
-    /// the tunnel alone.
-    pub(crate) fn handle<N: Net>(
-        self: Arc<Self>,
-        net: N,
-        client: N::Stream,
-        peer: SocketAddr,
-    ) -> impl Future<Output = ()> + Send + 'static {
-        // The tunnel comes back boxed too: the task then holds a pointer to it rather than a
-        // copy of it next to the one the handshake's result occupied.
-        let opening = Box::pin(self.clone().connect(net.clone(), client, peer));
-        async move {
-            if let Some(mut tunnel) = opening.await {
-                tunnel.run(&net, &self.admission, &self.metrics).await;
             }
         }
     }

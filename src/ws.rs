@@ -19,7 +19,7 @@ use crate::config::{self, WsRoute, WsSection};
 use crate::handshake::{self, ForwardOptions, Head, HeadError, Incoming, Refusal, Response};
 use crate::health;
 use crate::limit;
-use crate::log::{info, warn, Access};
+use crate::log::{warn, Access};
 use crate::metrics;
 use crate::net::{self, Net};
 use crate::policy;
@@ -182,40 +182,68 @@ impl WsProxy {
         listener: N::Listener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), Error> {
-        let names: Vec<String> = self
-            .section
-            .routes
-            .iter()
-            .flat_map(|r| r.backends.iter().map(|b| b.address.clone()))
-            .collect();
-        let name = self.section.name.clone();
         crate::net::Listener::client_speaks_first(&listener);
-        server::log_listening(
-            "ws",
-            &name,
-            crate::net::Listener::local_addr(&listener),
-            &names,
-        );
-        let tracker = server::Tracker::default();
-        let flow = Flow::start(
-            &net,
-            self.section,
-            crate::net::Listener::local_addr(&listener).ok(),
-            Some(tracker.global(None)),
-        )?;
-        let slot = server::Slot::new(flow);
-        server::accept_until(&net, listener, shutdown, &tracker, |stream, peer| {
-            slot.get().handle(net.clone(), stream, peer)
-        })
-        .await;
-        let flow = slot.get();
-        flow.stop_background();
-        let left = tracker.drain(&net, self.drain_timeout).await;
-        info!(
-            "stopped kind=ws name={} open_connections_closed={left}",
-            flow.name
-        );
-        Ok(())
+        server::serve_flow::<Flow, N>(net, listener, shutdown, self.section, self.drain_timeout)
+            .await
+    }
+}
+
+impl server::SectionFlow for Flow {
+    type Section = WsSection;
+    const KIND: &'static str = "ws";
+
+    fn section_name(section: &WsSection) -> &str {
+        &section.name
+    }
+
+    fn backend_names(section: &WsSection) -> Vec<String> {
+        let backends = section.routes.iter().flat_map(|r| &r.backends);
+        backends.map(|b| b.address.clone()).collect()
+    }
+
+    /// A flow as `s` configures it, with its routes' health checks and resolvers running on
+    /// `net`.
+    fn start<N: Net>(
+        net: &N,
+        s: WsSection,
+        listen_addr: Option<SocketAddr>,
+        global: Option<Arc<limit::Global>>,
+    ) -> Result<Arc<Self>, Error> {
+        let admission = limit::Admission::new(&s.name, s.limits.clone(), global, net.now());
+        let mut flow = Flow::new(s)?;
+        flow.admission = admission;
+        flow.listen_addr = listen_addr;
+        let (stop, stopped) = async_channel::bounded::<()>(1);
+        for r in &flow.routes {
+            let pool = format!("{}{}", flow.name, r.config.path);
+            if let Some(check) = &r.config.health_check {
+                let tls = flow.connector.clone();
+                let header = r.config.send_proxy_protocol;
+                health::spawn_checks(net, &pool, r.pool.backends(), check, &stopped, tls, header);
+            }
+            let every = Duration::from_millis(r.config.balancing.resolve_interval_ms);
+            balancer::spawn_resolver(net, &pool, r.pool.backends(), every, &stopped);
+        }
+        flow.stop = std::sync::Mutex::new(Some(stop));
+        let pools = flow.routes.iter().map(|r| {
+            let name = format!("{}{}", flow.name, r.config.path);
+            (name, r.pool.backends().to_vec())
+        });
+        flow.metrics.set_pools(pools.collect());
+        Ok(Arc::new(flow))
+    }
+
+    fn open_tunnel<N: Net>(
+        self: Arc<Self>,
+        net: N,
+        client: N::Stream,
+        peer: SocketAddr,
+    ) -> impl Future<Output = Option<Box<limit::Tunnel<N::Stream>>>> + Send + 'static {
+        self.open(net, client, peer)
+    }
+
+    fn parts(&self) -> server::FlowParts<'_> {
+        (&self.admission, &self.metrics, &self.stop)
     }
 }
 
@@ -249,43 +277,6 @@ struct Route {
 }
 
 impl Flow {
-    /// A flow as `s` configures it, with its routes' health checks and resolvers running on
-    /// `net`.
-    pub(crate) fn start<N: Net>(
-        net: &N,
-        s: WsSection,
-        listen_addr: Option<SocketAddr>,
-        global: Option<Arc<limit::Global>>,
-    ) -> Result<Arc<Flow>, Error> {
-        let admission = limit::Admission::new(&s.name, s.limits.clone(), global, net.now());
-        let mut flow = Flow::new(s)?;
-        flow.admission = admission;
-        flow.listen_addr = listen_addr;
-        let (stop, stopped) = async_channel::bounded::<()>(1);
-        for r in &flow.routes {
-            let pool = format!("{}{}", flow.name, r.config.path);
-            if let Some(check) = &r.config.health_check {
-                let tls = flow.connector.clone();
-                let header = r.config.send_proxy_protocol;
-                health::spawn_checks(net, &pool, r.pool.backends(), check, &stopped, tls, header);
-            }
-            let every = Duration::from_millis(r.config.balancing.resolve_interval_ms);
-            balancer::spawn_resolver(net, &pool, r.pool.backends(), every, &stopped);
-        }
-        flow.stop = std::sync::Mutex::new(Some(stop));
-        let pools = flow.routes.iter().map(|r| {
-            let name = format!("{}{}", flow.name, r.config.path);
-            (name, r.pool.backends().to_vec())
-        });
-        flow.metrics.set_pools(pools.collect());
-        Ok(Arc::new(flow))
-    }
-
-    /// Stops this flow's health checks and resolvers.
-    pub(crate) fn stop_background(&self) {
-        drop(self.stop.lock().unwrap_or_else(|e| e.into_inner()).take());
-    }
-
     fn new(s: WsSection) -> Result<Flow, Error> {
         let bad = |why: String| Error::Config(format!("ws proxy {}: {why}", s.name));
         if s.connect_timeout_ms == 0 || s.read_timeout_ms == 0 || s.upgrade_timeout_ms == 0 {
@@ -343,24 +334,6 @@ impl Flow {
             health_path: s.health_path,
             routes,
         })
-    }
-
-    /// Serves one connection: the handshake, in a box that is freed when the tunnel opens, then
-    /// the tunnel, so a connection's task is sized for the tunnel and not for the handshake.
-    pub(crate) fn handle<N: Net>(
-        self: Arc<Self>,
-        net: N,
-        client: N::Stream,
-        peer: SocketAddr,
-    ) -> impl Future<Output = ()> + Send + 'static {
-        // The tunnel comes back boxed too: the task then holds a pointer to it rather than a
-        // copy of it next to the one the handshake's result occupied.
-        let opening = Box::pin(self.clone().open(net.clone(), client, peer));
-        async move {
-            if let Some(mut tunnel) = opening.await {
-                tunnel.run(&net, &self.admission, &self.metrics).await;
-            }
-        }
     }
 
     /// Everything before the tunnel: PROXY header, TLS, limits, the upgrade with its answer.
