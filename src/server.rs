@@ -394,6 +394,9 @@ pub(crate) trait SectionFlow: Send + Sync + Sized + 'static {
     type Section;
     /// `kind=` in the log lines.
     const KIND: &'static str;
+    /// Its clients speak first (a WebSocket request): the listener may wait for their first
+    /// bytes before it accepts ([`Listener::client_speaks_first`]).
+    const CLIENT_SPEAKS_FIRST: bool;
     /// The section's name.
     fn section_name(section: &Self::Section) -> &str;
     /// Every backend address of the section, for the listening line.
@@ -460,6 +463,9 @@ pub(crate) async fn serve_flow<F: SectionFlow, N: Net>(
     drain_timeout: Duration,
 ) -> Result<(), Error> {
     let name = F::section_name(&section).to_string();
+    if F::CLIENT_SPEAKS_FIRST {
+        listener.client_speaks_first();
+    }
     log_listening(
         F::KIND,
         &name,
@@ -764,6 +770,39 @@ enum Flows {
     Ws(Arc<Slot<crate::ws::Flow>>),
 }
 
+/// Starts the flow `section` describes and, on its own task, the accept loop that hands it
+/// `listener`'s connections until `stopped` completes.
+fn serve_section<F: SectionFlow, N: Net>(
+    net: &N,
+    listener: N::Listener,
+    section: F::Section,
+    tracker: &Arc<Tracker>,
+    global: &Arc<crate::limit::Global>,
+    stopped: impl Future<Output = ()> + Send + 'static,
+) -> Result<Arc<Slot<F>>, Error> {
+    if F::CLIENT_SPEAKS_FIRST {
+        listener.client_speaks_first();
+    }
+    let names = F::backend_names(&section);
+    log_listening(
+        F::KIND,
+        F::section_name(&section),
+        listener.local_addr(),
+        &names,
+    );
+    let listen_addr = listener.local_addr().ok();
+    let flow = F::start(net, section, listen_addr, Some(global.clone()))?;
+    let slot = Arc::new(Slot::new(flow));
+    let (net2, tracker, slot2) = (net.clone(), tracker.clone(), slot.clone());
+    net.spawn(async move {
+        accept_until(&net2, listener, stopped, &tracker, |stream, peer| {
+            slot2.get().handle(net2.clone(), stream, peer)
+        })
+        .await;
+    });
+    Ok(slot)
+}
+
 /// A running section: its listener task and the flow it hands connections to.
 struct Live {
     section: Section,
@@ -784,63 +823,14 @@ impl Live {
         global: &Arc<crate::limit::Global>,
     ) -> Result<Live, Error> {
         let listen_addr = listener.local_addr().ok();
-        let (kind, name, names) = match &section {
-            Section::Tcp(s) => (
-                "tcp",
-                &s.name,
-                s.backends
-                    .iter()
-                    .map(|b| b.address.clone())
-                    .collect::<Vec<_>>(),
-            ),
-            Section::Ws(s) => {
-                listener.client_speaks_first();
-                let all = s
-                    .routes
-                    .iter()
-                    .flat_map(|r| r.backends.iter().map(|b| b.address.clone()));
-                ("ws", &s.name, all.collect())
-            }
-        };
-        log_listening(kind, name, listener.local_addr(), &names);
         let (stop, stopped) = async_channel::bounded::<()>(1);
         let stopped = async move {
             let _ = stopped.recv().await;
         };
-        let (net2, tracker) = (net.clone(), tracker.clone());
+        let (t, g) = (tracker, global);
         let flows = match &section {
-            Section::Tcp(s) => {
-                let slot = Arc::new(Slot::new(crate::tcp::Flow::start(
-                    net,
-                    s.clone(),
-                    listen_addr,
-                    Some(global.clone()),
-                )?));
-                let slot2 = slot.clone();
-                net.spawn(async move {
-                    accept_until(&net2, listener, stopped, &tracker, |stream, peer| {
-                        slot2.get().handle(net2.clone(), stream, peer)
-                    })
-                    .await;
-                });
-                Flows::Tcp(slot)
-            }
-            Section::Ws(s) => {
-                let slot = Arc::new(Slot::new(crate::ws::Flow::start(
-                    net,
-                    s.clone(),
-                    listen_addr,
-                    Some(global.clone()),
-                )?));
-                let slot2 = slot.clone();
-                net.spawn(async move {
-                    accept_until(&net2, listener, stopped, &tracker, |stream, peer| {
-                        slot2.get().handle(net2.clone(), stream, peer)
-                    })
-                    .await;
-                });
-                Flows::Ws(slot)
-            }
+            Section::Tcp(s) => Flows::Tcp(serve_section(net, listener, s.clone(), t, g, stopped)?),
+            Section::Ws(s) => Flows::Ws(serve_section(net, listener, s.clone(), t, g, stopped)?),
         };
         Ok(Live {
             section,
@@ -854,23 +844,19 @@ impl Live {
     /// Gives new connections the flow `section` describes; the old flow's background tasks
     /// stop, its connections go on.
     fn update<N: Net>(&mut self, net: &N, section: Section) -> Result<(), Error> {
+        fn restart<F: SectionFlow, N: Net>(
+            live: &Live,
+            net: &N,
+            slot: &Slot<F>,
+            section: F::Section,
+        ) -> Result<(), Error> {
+            let flow = F::start(net, section, live.listen_addr, Some(live.global.clone()))?;
+            slot.replace(flow).stop_background();
+            Ok(())
+        }
         match (&self.flows, &section) {
-            (Flows::Tcp(slot), Section::Tcp(s)) => slot
-                .replace(crate::tcp::Flow::start(
-                    net,
-                    s.clone(),
-                    self.listen_addr,
-                    Some(self.global.clone()),
-                )?)
-                .stop_background(),
-            (Flows::Ws(slot), Section::Ws(s)) => slot
-                .replace(crate::ws::Flow::start(
-                    net,
-                    s.clone(),
-                    self.listen_addr,
-                    Some(self.global.clone()),
-                )?)
-                .stop_background(),
+            (Flows::Tcp(slot), Section::Tcp(s)) => restart(self, net, slot, s.clone())?,
+            (Flows::Ws(slot), Section::Ws(s)) => restart(self, net, slot, s.clone())?,
             _ => unreachable!("sections are matched by kind"),
         }
         let old = std::mem::replace(&mut self.section, section);

@@ -178,6 +178,7 @@ impl TcpProxy {
 impl server::SectionFlow for Flow {
     type Section = TcpSection;
     const KIND: &'static str = "tcp";
+    const CLIENT_SPEAKS_FIRST: bool = false;
 
     fn section_name(section: &TcpSection) -> &str {
         &section.name

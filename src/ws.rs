@@ -182,7 +182,6 @@ impl WsProxy {
         listener: N::Listener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), Error> {
-        crate::net::Listener::client_speaks_first(&listener);
         server::serve_flow::<Flow, N>(net, listener, shutdown, self.section, self.drain_timeout)
             .await
     }
@@ -191,6 +190,7 @@ impl WsProxy {
 impl server::SectionFlow for Flow {
     type Section = WsSection;
     const KIND: &'static str = "ws";
+    const CLIENT_SPEAKS_FIRST: bool = true;
 
     fn section_name(section: &WsSection) -> &str {
         &section.name
