@@ -538,7 +538,8 @@ std::thread_local! {
 /// interrupt and a wakeup to get going again, which a virtual machine makes slow (tens of
 /// microseconds), and the peer that wakes it pays for that too. Each thread polls only while
 /// its work comes back within `d` ([`next_window`]): an idle or lightly loaded proxy sleeps
-/// at once. Zero (the default) is off.
+/// at once. Zero is off, and is where it starts: the config's `busy_poll_us` (default 100)
+/// sets it, the builders do not.
 pub(crate) fn set_busy_poll(d: Duration) {
     BUSY_POLL_NS.store(d.as_nanos().min(u128::from(u64::MAX)) as u64, Relaxed);
 }
