@@ -463,23 +463,13 @@ pub(crate) async fn serve_flow<F: SectionFlow, N: Net>(
     drain_timeout: Duration,
 ) -> Result<(), Error> {
     let name = F::section_name(&section).to_string();
-    if F::CLIENT_SPEAKS_FIRST {
-        listener.client_speaks_first();
-    }
-    log_listening(
-        F::KIND,
-        &name,
-        listener.local_addr(),
-        &F::backend_names(&section),
-    );
     let tracker = Tracker::default();
-    let flow = F::start(
+    let slot = Slot::new(start_flow::<F, N>(
         &net,
+        &listener,
         section,
-        listener.local_addr().ok(),
-        Some(tracker.global(None)),
-    )?;
-    let slot = Slot::new(flow);
+        tracker.global(None),
+    )?);
     accept_until(&net, listener, shutdown, &tracker, |stream, peer| {
         slot.get().handle(net.clone(), stream, peer)
     })
@@ -491,6 +481,22 @@ pub(crate) async fn serve_flow<F: SectionFlow, N: Net>(
         F::KIND
     );
     Ok(())
+}
+
+/// Logs that `listener` is up for `section`, and starts the section's flow.
+fn start_flow<F: SectionFlow, N: Net>(
+    net: &N,
+    listener: &N::Listener,
+    section: F::Section,
+    global: Arc<crate::limit::Global>,
+) -> Result<Arc<F>, Error> {
+    if F::CLIENT_SPEAKS_FIRST {
+        listener.client_speaks_first();
+    }
+    let names = F::backend_names(&section);
+    let addr = listener.local_addr();
+    log_listening(F::KIND, F::section_name(&section), addr, &names);
+    F::start(net, section, listener.local_addr().ok(), Some(global))
 }
 
 /// Logs that a listener is up.
@@ -780,19 +786,12 @@ fn serve_section<F: SectionFlow, N: Net>(
     global: &Arc<crate::limit::Global>,
     stopped: impl Future<Output = ()> + Send + 'static,
 ) -> Result<Arc<Slot<F>>, Error> {
-    if F::CLIENT_SPEAKS_FIRST {
-        listener.client_speaks_first();
-    }
-    let names = F::backend_names(&section);
-    log_listening(
-        F::KIND,
-        F::section_name(&section),
-        listener.local_addr(),
-        &names,
-    );
-    let listen_addr = listener.local_addr().ok();
-    let flow = F::start(net, section, listen_addr, Some(global.clone()))?;
-    let slot = Arc::new(Slot::new(flow));
+    let slot = Arc::new(Slot::new(start_flow::<F, N>(
+        net,
+        &listener,
+        section,
+        global.clone(),
+    )?));
     let (net2, tracker, slot2) = (net.clone(), tracker.clone(), slot.clone());
     net.spawn(async move {
         accept_until(&net2, listener, stopped, &tracker, |stream, peer| {
