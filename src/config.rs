@@ -224,6 +224,10 @@ pub struct TcpSection {
     pub limits: Limits,
     /// Listen with `SO_REUSEPORT`, so several processes can share the port (`reuse_port`).
     pub reuse_port: bool,
+    /// The TCP congestion control algorithm of the section's connections, both the clients'
+    /// and the backends' (`congestion_control`, Linux's `TCP_CONGESTION`); `None` keeps the
+    /// host's default (`net.ipv4.tcp_congestion_control`).
+    pub congestion_control: Option<String>,
     /// Terminate TLS on the listener with these certificates, chosen by SNI (`tls`); empty
     /// for none.
     pub tls: Vec<CertKey>,
@@ -255,6 +259,10 @@ pub struct WsSection {
     pub limits: Limits,
     /// Listen with `SO_REUSEPORT`, so several processes can share the port (`reuse_port`).
     pub reuse_port: bool,
+    /// The TCP congestion control algorithm of the section's connections, both the clients'
+    /// and the backends' (`congestion_control`, Linux's `TCP_CONGESTION`); `None` keeps the
+    /// host's default (`net.ipv4.tcp_congestion_control`).
+    pub congestion_control: Option<String>,
     /// Terminate TLS on the listener with these certificates, chosen by SNI (`tls`); empty
     /// for none. Clients then connect with `wss://`.
     pub tls: Vec<CertKey>,
@@ -385,6 +393,7 @@ impl fmt::Display for Config {
             writeln!(f, "  {}", s.balancing)?;
             extras(f, "  ", &s.health_check, s.send_proxy_protocol)?;
             tls_lines(f, &s.tls, s.upstream_tls.as_ref())?;
+            congestion_line(f, s.congestion_control.as_deref())?;
             for r in &s.sni_routes {
                 writeln!(f, "  SNI {} -> {}", r.server_name, join(&r.backends))?;
             }
@@ -406,6 +415,7 @@ impl fmt::Display for Config {
                 writeln!(f, "  GET {p} -> 200 (health)")?;
             }
             tls_lines(f, &s.tls, s.upstream_tls.as_ref())?;
+            congestion_line(f, s.congestion_control.as_deref())?;
             for r in &s.routes {
                 let host = r.host.as_deref().unwrap_or("*");
                 let rewrite = r
@@ -419,6 +429,17 @@ impl fmt::Display for Config {
             }
         }
         Ok(())
+    }
+}
+
+/// `check`'s line for a section's `congestion_control`, when it sets one.
+fn congestion_line(f: &mut fmt::Formatter<'_>, cc: Option<&str>) -> fmt::Result {
+    match cc {
+        Some(cc) => writeln!(
+            f,
+            "  TCP congestion control: {cc} (to clients and to backends)"
+        ),
+        None => Ok(()),
     }
 }
 
@@ -556,6 +577,7 @@ mod raw {
         pub max_connection_age_ms: Option<Spanned<u64>>,
         pub accept_proxy_protocol: Option<Spanned<bool>>,
         pub reuse_port: Option<bool>,
+        pub congestion_control: Option<Spanned<String>>,
         pub trusted_proxies: Option<Spanned<Vec<Spanned<String>>>>,
         pub name: Option<Spanned<String>>,
         #[serde(alias = "bind")]
@@ -597,6 +619,7 @@ mod raw {
         pub max_connection_age_ms: Option<Spanned<u64>>,
         pub accept_proxy_protocol: Option<Spanned<bool>>,
         pub reuse_port: Option<bool>,
+        pub congestion_control: Option<Spanned<String>>,
         pub trusted_proxies: Option<Spanned<Vec<Spanned<String>>>>,
         pub name: Option<Spanned<String>>,
         #[serde(alias = "bind")]
@@ -985,6 +1008,7 @@ impl Source<'_> {
                 upstream_tls,
                 sni_routes,
                 reuse_port: s.reuse_port.unwrap_or(false),
+                congestion_control: self.congestion_control(&s.congestion_control)?,
                 limits,
                 name,
                 listen,
@@ -1143,6 +1167,7 @@ impl Source<'_> {
             tls,
             upstream_tls,
             reuse_port: s.reuse_port.unwrap_or(false),
+            congestion_control: self.congestion_control(&s.congestion_control)?,
             limits,
             name,
             listen,
@@ -1791,6 +1816,38 @@ impl Source<'_> {
         }
     }
 
+    /// `congestion_control`: a name the kernel could know (at most 15 characters of
+    /// `[a-z0-9_-]`), and on Linux one it lists as available, so a typo is caught by `check`
+    /// rather than at start-up.
+    fn congestion_control(&self, v: &Option<Spanned<String>>) -> Result<Option<String>, Error> {
+        let Some(v) = v else { return Ok(None) };
+        let name = v.get_ref();
+        let err =
+            |problem: &str, fix: &str| self.error(v.span(), "congestion_control", problem, fix);
+        let shaped = name.len() <= 15
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+        if name.is_empty() || !shaped {
+            return Err(err(
+                &format!("{name:?} is not a congestion control algorithm's name"),
+                "use one the kernel lists in /proc/sys/net/ipv4/tcp_available_congestion_control (such as \"cubic\" or \"bbr\"), or remove the field to keep the host's default",
+            ));
+        }
+        if let Some(available) = crate::net::available_congestion_controls() {
+            if !available.iter().any(|a| a == name) {
+                return Err(err(
+                    &format!(
+                        "{name:?} is not available on this host (it has: {})",
+                        available.join(", ")
+                    ),
+                    "use one of those, load the algorithm's kernel module (`modprobe tcp_<name>`), or remove the field to keep the host's default",
+                ));
+            }
+        }
+        Ok(Some(name.clone()))
+    }
+
     /// A health check table; `kind` defaults to `default` (tcp for TCP sections, http for
     /// WebSocket ones, as rws probes WebSocket backends with a plain GET).
     fn health_check(
@@ -2009,6 +2066,7 @@ mod tests {
                 send_proxy_protocol: None,
                 limits: Limits::default(),
                 reuse_port: false,
+                congestion_control: None,
                 tls: Vec::new(),
                 upstream_tls: None,
                 sni_routes: Vec::new(),

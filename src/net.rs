@@ -34,6 +34,16 @@ pub trait Listener: Send + Sync + 'static {
     /// (an HTTP request): the runtime may then delay ACKs from the start, so that the request's
     /// ACK goes with the answer, a packet less per connection. Does nothing by default.
     fn client_speaks_first(&self) {}
+
+    /// Sets the TCP congestion control algorithm of this listener's connections (`name`, as
+    /// in `/proc/sys/net/ipv4/tcp_available_congestion_control`): accepted connections inherit
+    /// it. The kernel refuses a name it does not have (`NotFound`), and an unprivileged
+    /// process one outside `tcp_allowed_congestion_control` (`PermissionDenied`). Runtimes
+    /// without the option return `Unsupported`.
+    fn set_congestion_control(&self, name: &str) -> io::Result<()> {
+        let _ = name;
+        Err(io::ErrorKind::Unsupported.into())
+    }
 }
 
 /// The runtime a flow runs on: sockets, a clock and a spawner.
@@ -92,6 +102,23 @@ pub trait Net: Clone + Send + Sync + 'static {
         let _ = stream;
         Err(io::ErrorKind::Unsupported.into())
     }
+
+    /// Sets the TCP congestion control algorithm of a connected stream, as
+    /// [`Listener::set_congestion_control`] does for a listener's.
+    fn set_congestion_control(&self, stream: &Self::Stream, name: &str) -> io::Result<()> {
+        let _ = (stream, name);
+        Err(io::ErrorKind::Unsupported.into())
+    }
+}
+
+/// The congestion control algorithms the kernel has (`tcp_available_congestion_control`), or
+/// `None` where that cannot be read (not Linux, no `/proc`).
+pub(crate) fn available_congestion_controls() -> Option<Vec<String>> {
+    if !cfg!(target_os = "linux") {
+        return None;
+    }
+    let list = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control");
+    Some(list.ok()?.split_whitespace().map(String::from).collect())
 }
 
 /// Runs `work`, or fails with [`io::ErrorKind::TimedOut`] once `d` has passed on `net`'s clock.
@@ -553,6 +580,21 @@ impl Listener for SmolListener {
         #[cfg(target_os = "linux")]
         let _ = rustix::net::sockopt::set_tcp_quickack(self.get_ref(), false);
     }
+
+    fn set_congestion_control(&self, name: &str) -> io::Result<()> {
+        set_congestion_control(self.get_ref(), name)
+    }
+}
+
+/// `TCP_CONGESTION` on a socket (Linux only; `Unsupported` elsewhere).
+fn set_congestion_control(socket: &impl std::os::fd::AsFd, name: &str) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    return Ok(rustix::net::sockopt::set_tcp_congestion(socket, name)?);
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (socket, name);
+        Err(io::ErrorKind::Unsupported.into())
+    }
 }
 
 impl Net for SmolNet {
@@ -594,6 +636,10 @@ impl Net for SmolNet {
 
     fn local_addr(&self, stream: &SmolStream) -> io::Result<SocketAddr> {
         stream.get_ref().local_addr()
+    }
+
+    fn set_congestion_control(&self, stream: &SmolStream, name: &str) -> io::Result<()> {
+        set_congestion_control(stream.get_ref(), name)
     }
 
     async fn resolve(&self, addr: &str) -> io::Result<Vec<SocketAddr>> {

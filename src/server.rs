@@ -401,6 +401,8 @@ pub(crate) trait SectionFlow: Send + Sync + Sized + 'static {
     fn section_name(section: &Self::Section) -> &str;
     /// Every backend address of the section, for the listening line.
     fn backend_names(section: &Self::Section) -> Vec<String>;
+    /// The section's `congestion_control`, if it sets one.
+    fn congestion_control(section: &Self::Section) -> Option<&str>;
     /// Validates the section and starts its background work (health checks, resolvers).
     fn start<N: Net>(
         net: &N,
@@ -419,6 +421,8 @@ pub(crate) trait SectionFlow: Send + Sync + Sized + 'static {
     /// The section's connection limits, its metrics, and the sender whose drop stops the
     /// background work.
     fn parts(&self) -> FlowParts<'_>;
+    /// The section's `congestion_control`, set on each connection either way.
+    fn congestion(&self) -> Option<&str>;
 
     /// Serves one accepted connection: the opening, in a box that is freed when the tunnel
     /// opens, then the tunnel, so a connection's task is sized for the tunnel alone.
@@ -428,6 +432,12 @@ pub(crate) trait SectionFlow: Send + Sync + Sized + 'static {
         client: N::Stream,
         peer: SocketAddr,
     ) -> impl Future<Output = ()> + Send + 'static {
+        if let Some(cc) = self.congestion() {
+            // Connections the kernel accepted before the listener took the setting (at
+            // start-up, or queued before a builder's `serve`) did not inherit it. (The name
+            // was taken at start-up, so this does not fail.)
+            let _ = net.set_congestion_control(&client, cc);
+        }
         // The tunnel comes back boxed too: the task then holds a pointer to it rather than a
         // copy of it next to the one the opening's result occupied.
         let opening = Box::pin(self.clone().open_tunnel(net.clone(), client, peer));
@@ -493,10 +503,35 @@ fn start_flow<F: SectionFlow, N: Net>(
     if F::CLIENT_SPEAKS_FIRST {
         listener.client_speaks_first();
     }
+    if let Some(cc) = F::congestion_control(&section) {
+        // Set on the listener, whose connections inherit it, so a refusal stops the start
+        // rather than showing up connection by connection.
+        listener
+            .set_congestion_control(cc)
+            .map_err(|e| congestion_refused(F::KIND, F::section_name(&section), cc, &e))?;
+    }
     let names = F::backend_names(&section);
     let addr = listener.local_addr();
     log_listening(F::KIND, F::section_name(&section), addr, &names);
     F::start(net, section, listener.local_addr().ok(), Some(global))
+}
+
+/// The error for a `congestion_control` the kernel refused, with what would fix it.
+fn congestion_refused(kind: &str, section: &str, cc: &str, e: &io::Error) -> Error {
+    let fix = match e.kind() {
+        io::ErrorKind::PermissionDenied => format!(
+            "allow it for unprivileged processes (add {cc} to the sysctl \
+             net.ipv4.tcp_allowed_congestion_control), run with CAP_NET_ADMIN, or remove the field"
+        ),
+        io::ErrorKind::NotFound => format!(
+            "load its kernel module (`modprobe tcp_{cc}`), use one listed in \
+             /proc/sys/net/ipv4/tcp_available_congestion_control, or remove the field"
+        ),
+        _ => "remove the field (the option is Linux's TCP_CONGESTION)".to_string(),
+    };
+    Error::Config(format!(
+        "[[{kind}_proxy]] {section:?}: field `congestion_control`: the kernel refused {cc:?} ({e}); fix: {fix}"
+    ))
 }
 
 /// Logs that a listener is up.

@@ -97,6 +97,7 @@ impl TcpProxy {
             send_proxy_protocol: None,
             limits: crate::limit::Limits::default(),
             reuse_port: false,
+            congestion_control: None,
             tls: Vec::new(),
             upstream_tls: None,
             sni_routes: Vec::new(),
@@ -122,6 +123,14 @@ impl TcpProxy {
     /// (default 5000 ms).
     pub fn connect_timeout_ms(mut self, ms: u64) -> Self {
         self.section.connect_timeout_ms = ms;
+        self
+    }
+
+    /// The TCP congestion control algorithm of the proxy's connections, to clients and to
+    /// backends (Linux's `TCP_CONGESTION`, such as `"cubic"` or `"bbr"`); by default the
+    /// host's (`net.ipv4.tcp_congestion_control`). A name the kernel refuses fails the start.
+    pub fn congestion_control(mut self, name: impl Into<String>) -> Self {
+        self.section.congestion_control = Some(name.into());
         self
     }
 
@@ -186,6 +195,10 @@ impl server::SectionFlow for Flow {
 
     fn backend_names(section: &TcpSection) -> Vec<String> {
         section.backends.iter().map(|b| b.address.clone()).collect()
+    }
+
+    fn congestion_control(section: &TcpSection) -> Option<&str> {
+        section.congestion_control.as_deref()
     }
 
     /// A flow as `s` configures it, with its health checks and resolver running on `net`.
@@ -254,6 +267,7 @@ impl server::SectionFlow for Flow {
             stop: std::sync::Mutex::new(Some(stop)),
             proxy_protocol: s.send_proxy_protocol,
             listen_addr,
+            congestion_control: s.congestion_control,
         }))
     }
 
@@ -268,6 +282,10 @@ impl server::SectionFlow for Flow {
 
     fn parts(&self) -> server::FlowParts<'_> {
         (&self.admission, &self.metrics, &self.stop)
+    }
+
+    fn congestion(&self) -> Option<&str> {
+        self.congestion_control.as_deref()
     }
 }
 
@@ -292,6 +310,8 @@ pub(crate) struct Flow {
     connector: Option<Arc<tls::Connector>>,
     /// `[[tcp_proxy.sni_route]]`s in file order: a name pattern and its pool.
     sni: Vec<(String, Pool)>,
+    /// Set on each backend connection (`congestion_control`); the listener's carry it already.
+    congestion_control: Option<String>,
 }
 
 impl Flow {
@@ -431,6 +451,10 @@ impl Flow {
             });
             let connect = async {
                 let mut stream = lease.backend().connect(&net).await?;
+                if let Some(cc) = &self.congestion_control {
+                    // (The listener took the name at start-up, so this does not fail.)
+                    let _ = net.set_congestion_control(&stream, cc);
+                }
                 // The PROXY header goes first, on the raw connection, before any TLS.
                 if let Some(header) = header {
                     stream.write_all(&header).await?;

@@ -91,6 +91,7 @@ impl WsProxy {
             health_path: None,
             limits: crate::limit::Limits::default(),
             reuse_port: false,
+            congestion_control: None,
             tls: Vec::new(),
             upstream_tls: None,
             routes: vec![route],
@@ -115,6 +116,14 @@ impl WsProxy {
     /// How long one connect to one backend may take before the next is tried (default 5000 ms).
     pub fn connect_timeout_ms(mut self, ms: u64) -> Self {
         self.section.connect_timeout_ms = ms;
+        self
+    }
+
+    /// The TCP congestion control algorithm of the proxy's connections, to clients and to
+    /// backends (Linux's `TCP_CONGESTION`, such as `"cubic"` or `"bbr"`); by default the
+    /// host's (`net.ipv4.tcp_congestion_control`). A name the kernel refuses fails the start.
+    pub fn congestion_control(mut self, name: impl Into<String>) -> Self {
+        self.section.congestion_control = Some(name.into());
         self
     }
 
@@ -201,6 +210,10 @@ impl server::SectionFlow for Flow {
         backends.map(|b| b.address.clone()).collect()
     }
 
+    fn congestion_control(section: &WsSection) -> Option<&str> {
+        section.congestion_control.as_deref()
+    }
+
     /// A flow as `s` configures it, with its routes' health checks and resolvers running on
     /// `net`.
     fn start<N: Net>(
@@ -245,6 +258,10 @@ impl server::SectionFlow for Flow {
     fn parts(&self) -> server::FlowParts<'_> {
         (&self.admission, &self.metrics, &self.stop)
     }
+
+    fn congestion(&self) -> Option<&str> {
+        self.congestion_control.as_deref()
+    }
 }
 
 /// What every connection of one WebSocket proxy shares.
@@ -266,6 +283,8 @@ pub(crate) struct Flow {
     acceptor: Option<tls::Acceptor>,
     /// Speaks TLS to `wss://` backends; present when there is one.
     connector: Option<Arc<tls::Connector>>,
+    /// Set on each backend connection (`congestion_control`); the listener's carry it already.
+    congestion_control: Option<String>,
 }
 
 /// A configured route with its pool.
@@ -332,6 +351,7 @@ impl Flow {
             upgrade_timeout: Duration::from_millis(s.upgrade_timeout_ms),
             max_head: s.max_request_head_bytes,
             health_path: s.health_path,
+            congestion_control: s.congestion_control,
             routes,
         })
     }
@@ -606,6 +626,10 @@ impl Flow {
                 // The upgrade request (or the TLS ClientHello) goes out at once.
                 let connect = backend_ref.connect_speaking(net);
                 let mut upstream = net::timeout(net, limit, connect).await?;
+                if let Some(cc) = &self.congestion_control {
+                    // (The listener took the name at start-up, so this does not fail.)
+                    let _ = net.set_congestion_control(&upstream, cc);
+                }
                 connect_took = Some(net.now().duration_since(tried));
                 let mut upstream = match (&self.connector, backend_ref.is_tls()) {
                     (Some(c), true) => {

@@ -281,6 +281,33 @@ fn a_config_file_runs_every_section() {
     );
 }
 
+/// `congestion_control` (Linux): `check` shows it, and a section with it carries bytes. Reno
+/// is built into every kernel. (tests/tcp.rs and tests/ws.rs check it is on the sockets.)
+#[cfg(target_os = "linux")]
+#[test]
+fn a_section_with_a_congestion_control_shows_it_and_carries_bytes() {
+    let backend = echo_backend();
+    let file = config_file(
+        "reno.toml",
+        &format!(
+            "[[tcp_proxy]]\nname = \"reno\"\nlisten = \"127.0.0.1:0\"\nbackends = [\"{backend}\"]\n\
+             congestion_control = \"reno\"\n"
+        ),
+    );
+    let file = file.to_str().unwrap();
+    let (code, out, err) = run(&["check", "--config", file]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("  TCP congestion control: reno (to clients and to backends)\n"),
+        "{out}"
+    );
+    let proxy = start(&["--config", file], 1);
+    assert_eq!(
+        echo_through(proxy.addr("reno"), b"slow start"),
+        b"slow start"
+    );
+}
+
 fn signal(child: &Child, name: &str) {
     let status = Command::new("kill")
         .args([&format!("-{name}"), &child.id().to_string()])

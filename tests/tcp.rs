@@ -535,3 +535,66 @@ fn serve_without_backends_fails_naming_it() {
         assert!(err.to_string().contains("no backends"), "{err}");
     });
 }
+
+#[cfg(target_os = "linux")]
+#[path = "common/sockets.rs"]
+mod sockets;
+
+/// `congestion_control` is on both of the proxy's sockets of a tunnel, the client's and the
+/// backend's, while the client's own socket keeps the host's default.
+#[cfg(target_os = "linux")]
+#[test]
+fn congestion_control_is_set_on_the_proxys_sockets_to_client_and_backend() {
+    let (default, Some(other)) = sockets::default_and_other() else {
+        eprintln!("the host has one congestion control algorithm: nothing to choose");
+        return;
+    };
+    run(|ex| async move {
+        let backend = Backend::echo(&ex).await;
+        let proxy =
+            Proxy::serve(TcpProxy::new(addrs(&[backend.addr])).congestion_control(other.clone()))
+                .await;
+        let mut client = proxy.connect().await;
+        assert_eq!(round_trip_on(&mut client, b"ping").await, b"ping");
+        let here = client.local_addr().unwrap();
+        let to_client = sockets::congestion_controls(Some(proxy.addr), Some(here));
+        let to_backend = sockets::congestion_controls(None, Some(backend.addr));
+        let client_own = sockets::congestion_controls(Some(here), None);
+        assert_eq!(
+            to_client,
+            [other.as_str()],
+            "the proxy's socket to the client"
+        );
+        assert_eq!(
+            to_backend,
+            [other.as_str()],
+            "the proxy's socket to the backend"
+        );
+        assert_eq!(client_own, [default.as_str()], "the client's socket");
+    });
+}
+
+/// A name the kernel does not have fails the start, naming the field and the fix.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_congestion_control_the_kernel_lacks_fails_the_start() {
+    run(|_ex| async move {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let err = TcpProxy::new(["127.0.0.1:1"])
+            .congestion_control("no-such-cc")
+            .serve(listener, future::pending())
+            .await
+            .expect_err("a refused congestion control");
+        let msg = err.to_string();
+        assert!(msg.contains("field `congestion_control`"), "{msg}");
+        assert!(msg.contains("\"no-such-cc\""), "{msg}");
+        assert!(msg.contains("modprobe tcp_no-such-cc"), "{msg}");
+    });
+}
+
+async fn round_trip_on(s: &mut TcpStream, msg: &[u8]) -> Vec<u8> {
+    s.write_all(msg).await.unwrap();
+    let mut got = vec![0; msg.len()];
+    s.read_exact(&mut got).await.unwrap();
+    got
+}

@@ -1776,3 +1776,43 @@ fn permessage_deflate_is_negotiated_end_to_end() {
         "{out}"
     );
 }
+
+#[cfg(target_os = "linux")]
+#[path = "common/sockets.rs"]
+mod sockets;
+
+/// A section's `congestion_control` is on both of the proxy's sockets of a tunnel, the
+/// client's and the backend's, while the client's own socket keeps the host's default.
+#[cfg(target_os = "linux")]
+#[test]
+fn congestion_control_is_set_on_the_proxys_sockets_to_client_and_backend() {
+    let (default, Some(other)) = sockets::default_and_other() else {
+        eprintln!("the host has one congestion control algorithm: nothing to choose");
+        return;
+    };
+    run(|ex| async move {
+        let backend = Backend::echo(&ex).await;
+        let proxy = Proxy::from_toml(&format!(
+            "[[ws_proxy]]\nlisten = \"127.0.0.1:0\"\nbackends = [\"{}\"]\n\
+             congestion_control = \"{other}\"\n",
+            backend.target()
+        ));
+        let mut ws = proxy.open("/chat").await;
+        round_trip(&mut ws, text("hello")).await;
+        let here = ws.get_ref().local_addr().unwrap();
+        let to_client = sockets::congestion_controls(Some(proxy.addr), Some(here));
+        let to_backend = sockets::congestion_controls(None, Some(backend.addr));
+        let client_own = sockets::congestion_controls(Some(here), None);
+        assert_eq!(
+            to_client,
+            [other.as_str()],
+            "the proxy's socket to the client"
+        );
+        assert_eq!(
+            to_backend,
+            [other.as_str()],
+            "the proxy's socket to the backend"
+        );
+        assert_eq!(client_own, [default.as_str()], "the client's socket");
+    });
+}

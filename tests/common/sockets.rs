@@ -1,0 +1,53 @@
+//! This process's own TCP sockets, looked up by address, for tests that check the options a
+//! proxy running in the test process set on its sockets (tests/tcp.rs, tests/ws.rs). Each is
+//! duplicated with `pidfd_getfd(2)` (Linux 5.6), so no raw descriptor is borrowed.
+
+use std::net::SocketAddr;
+
+use rustix::net::{getpeername, getsockname, sockopt, SocketAddrAny};
+use rustix::process::{getpid, pidfd_getfd, pidfd_open, PidfdFlags, PidfdGetfdFlags};
+
+fn inet(a: SocketAddrAny) -> Option<SocketAddr> {
+    SocketAddr::try_from(a).ok()
+}
+
+/// The congestion control algorithm of each of this process's TCP sockets whose local and
+/// peer addresses are `local` and `peer` (either `None`: any), as `TCP_CONGESTION` reads.
+pub fn congestion_controls(local: Option<SocketAddr>, peer: Option<SocketAddr>) -> Vec<String> {
+    let me = pidfd_open(getpid(), PidfdFlags::empty()).expect("pidfd_open");
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/fd").expect("/proc/self/fd") {
+        let Some(n) = entry
+            .ok()
+            .and_then(|e| e.file_name().to_str()?.parse().ok())
+        else {
+            continue;
+        };
+        // A descriptor closed since the listing, or not a socket, is passed over.
+        let Ok(fd) = pidfd_getfd(&me, n, PidfdGetfdFlags::empty()) else {
+            continue;
+        };
+        let (Some(l), Some(p)) = (
+            getsockname(&fd).ok().and_then(inet),
+            getpeername(&fd).ok().flatten().and_then(inet),
+        ) else {
+            continue;
+        };
+        if local.is_none_or(|a| a == l) && peer.is_none_or(|a| a == p) {
+            found.extend(sockopt::tcp_congestion(&fd));
+        }
+    }
+    found
+}
+
+/// The host's default congestion control, and another one it has that the tests can ask a
+/// proxy for (`None` when it has only one).
+pub fn default_and_other() -> (String, Option<String>) {
+    let read = |f: &str| std::fs::read_to_string(format!("/proc/sys/net/ipv4/{f}")).unwrap();
+    let default = read("tcp_congestion_control").trim().to_string();
+    let other = read("tcp_available_congestion_control")
+        .split_whitespace()
+        .find(|a| *a != default)
+        .map(String::from);
+    (default, other)
+}
