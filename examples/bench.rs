@@ -8,7 +8,9 @@
 //! ```
 //! (`BENCH_SECS`, `BENCH_ROUNDS` and `BENCH_IDLE` set the same defaults from the environment;
 //! `BENCH_BASELINE=path/to/portcullis` adds a column for another build, e.g. before a change,
-//! run with the environment in `BENCH_BASELINE_ENV="K=V ..."`, e.g. `PORTCULLIS_SPLICE=0`.)
+//! run with the environment in `BENCH_BASELINE_ENV="K=V ..."`, e.g. `PORTCULLIS_SPLICE=0`;
+//! `BENCH_SECTION_CONFIG` / `BENCH_BASELINE_SECTION_CONFIG` add lines to every section of the
+//! portcullis / the baseline column, e.g. `congestion_control = "cubic"`.)
 //!
 //! It builds the release `portcullis` binary, starts a WebSocket echo backend and a TCP sink
 //! backend (this same program, `--backends`, in a second process) and, for each target in turn,
@@ -757,14 +759,21 @@ fn start_proxy(
                 _ => std::env::var("BENCH_CONFIG"),
             }
             .unwrap_or_else(|_| "access_log = false".into());
+            // BENCH_SECTION_CONFIG / BENCH_BASELINE_SECTION_CONFIG: lines added to every
+            // section, e.g. 'congestion_control = "cubic"'.
+            let each = match target {
+                Target::Baseline => std::env::var("BENCH_BASELINE_SECTION_CONFIG"),
+                _ => std::env::var("BENCH_SECTION_CONFIG"),
+            }
+            .unwrap_or_default();
             std::fs::write(
                 &file,
                 format!(
-                    "{top}\n[[ws_proxy]]\nlisten = \"{ws}\"\nbackends = [\"{ws_backend}\"]\n\n\
-                     [[tcp_proxy]]\nlisten = \"{tcp}\"\nbackends = [\"{tcp_backend}\"]\n{}",
+                    "{top}\n[[ws_proxy]]\nlisten = \"{ws}\"\nbackends = [\"{ws_backend}\"]\n{each}\n\n\
+                     [[tcp_proxy]]\nlisten = \"{tcp}\"\nbackends = [\"{tcp_backend}\"]\n{each}\n{}",
                     match (wss, tls) {
                         (Some(wss), Some(c)) => format!(
-                            "\n[[ws_proxy]]\nname = \"wss\"\nlisten = \"{wss}\"\nbackends = [\"{ws_backend}\"]\n\
+                            "\n[[ws_proxy]]\nname = \"wss\"\nlisten = \"{wss}\"\nbackends = [\"{ws_backend}\"]\n{each}\n\
                              tls = {{ cert = \"{}\", key = \"{}\" }}\n",
                             c.cert.display(),
                             c.key.display()
@@ -1042,6 +1051,13 @@ fn main() {
         None => None,
     };
     let d = Duration::from_secs_f64(opts.secs);
+    // Every TCP connection here, proxied or not, runs the host's congestion control unless a
+    // proxy's config says otherwise; BBR paces, which bounds the one-connection test.
+    let cc = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control");
+    eprintln!(
+        "TCP congestion control: {} (net.ipv4.tcp_congestion_control)",
+        cc.as_deref().map_or("unknown", str::trim)
+    );
     eprintln!(
         "{} round(s) of {:.1} s per test, {} idle connections; targets: {}",
         opts.rounds,
@@ -1098,7 +1114,11 @@ fn main() {
                 opts.idle,
                 opts.tests.as_deref(),
             )));
+            let verbose = std::env::var_os("BENCH_VERBOSE").is_some();
             for (k, v) in out.values {
+                if verbose {
+                    eprintln!("  {} {k}: {v:.2}", target.name());
+                }
                 results.entry((target, k)).or_default().push(v);
             }
             eprintln!(
