@@ -111,6 +111,13 @@ pub trait Net: Clone + Send + Sync + 'static {
     }
 }
 
+/// The host's default congestion control (`net.ipv4.tcp_congestion_control`), or `None` where
+/// that cannot be read.
+pub(crate) fn default_congestion_control() -> Option<String> {
+    let name = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control");
+    Some(name.ok()?.trim().to_string())
+}
+
 /// The congestion control algorithms the kernel has (`tcp_available_congestion_control`), or
 /// `None` where that cannot be read (not Linux, no `/proc`).
 pub(crate) fn available_congestion_controls() -> Option<Vec<String>> {

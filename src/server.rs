@@ -779,6 +779,14 @@ impl Section {
     }
 
     /// Whether the section reads certificate files (listener or backend side).
+    /// The section's `congestion_control`, and a way to change it.
+    fn congestion_control(&mut self) -> &mut Option<String> {
+        match self {
+            Section::Tcp(s) => &mut s.congestion_control,
+            Section::Ws(s) => &mut s.congestion_control,
+        }
+    }
+
     fn has_tls(&self) -> bool {
         match self {
             Section::Tcp(s) => !s.tls.is_empty() || s.upstream_tls.is_some(),
@@ -842,6 +850,9 @@ struct Live {
     section: Section,
     flows: Flows,
     listen_addr: Option<SocketAddr>,
+    /// The congestion control the listener was given at start-up (`congestion_control`),
+    /// which its connections inherit whatever a reload says.
+    listener_cc: Option<String>,
     /// The process-wide connection count and cap.
     global: Arc<crate::limit::Global>,
     /// Dropped to stop the listener.
@@ -866,7 +877,9 @@ impl Live {
             Section::Tcp(s) => Flows::Tcp(serve_section(net, listener, s.clone(), t, g, stopped)?),
             Section::Ws(s) => Flows::Ws(serve_section(net, listener, s.clone(), t, g, stopped)?),
         };
+        let mut section = section;
         Ok(Live {
+            listener_cc: section.congestion_control().clone(),
             section,
             flows,
             listen_addr,
@@ -888,7 +901,14 @@ impl Live {
             slot.replace(flow).stop_background();
             Ok(())
         }
-        match (&self.flows, &section) {
+        // The listener keeps the congestion control it started with, and its connections
+        // inherit it: a flow whose section no longer names one sets the host's default on
+        // each connection instead. (One that names one sets it on each either way.)
+        let mut given = section.clone();
+        if given.congestion_control().is_none() && self.listener_cc.is_some() {
+            *given.congestion_control() = crate::net::default_congestion_control();
+        }
+        match (&self.flows, &given) {
             (Flows::Tcp(slot), Section::Tcp(s)) => restart(self, net, slot, s.clone())?,
             (Flows::Ws(slot), Section::Ws(s)) => restart(self, net, slot, s.clone())?,
             _ => unreachable!("sections are matched by kind"),

@@ -598,3 +598,75 @@ async fn round_trip_on(s: &mut TcpStream, msg: &[u8]) -> Vec<u8> {
     s.read_exact(&mut got).await.unwrap();
     got
 }
+
+/// A reload that drops `congestion_control` gives new connections the host's default again,
+/// though the listener (kept across the reload) still carries the old setting.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_reload_without_congestion_control_gives_new_connections_the_hosts_default() {
+    let (default, Some(other)) = sockets::default_and_other() else {
+        eprintln!("the host has one congestion control algorithm: nothing to choose");
+        return;
+    };
+    run(|ex| async move {
+        let backend = Backend::echo(&ex).await;
+        // A port of its own, so the reload matches the section by its address.
+        let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listen.local_addr().unwrap();
+        drop(listen);
+        let section = |cc: &str| {
+            format!(
+                "drain_timeout_ms = 100\n[[tcp_proxy]]\nlisten = \"{addr}\"\nbackends = [\"{}\"]\n{cc}\n",
+                backend.addr
+            )
+        };
+        let first = section(&format!("congestion_control = \"{other}\""));
+        let config = portcullis::Config::parse(&first, "first.toml").unwrap();
+        let next = section("");
+        let (reload, reloads) = smol::channel::bounded(1);
+        let (stop, stopped) = smol::channel::bounded::<()>(1);
+        let served = std::thread::spawn(move || {
+            portcullis::run_reloading(
+                config,
+                move || portcullis::Config::parse(&next, "next.toml"),
+                reloads,
+                async move {
+                    let _ = stopped.recv().await;
+                },
+            )
+        });
+        let proxied = |want: String| async move {
+            let mut client = loop {
+                match TcpStream::connect(addr).await {
+                    Ok(c) => break c,
+                    Err(_) => Timer::after(Duration::from_millis(10)).await,
+                };
+            };
+            assert_eq!(round_trip_on(&mut client, b"ping").await, b"ping");
+            let here = client.local_addr().unwrap();
+            let to_client = sockets::congestion_controls(Some(addr), Some(here));
+            assert_eq!(
+                to_client,
+                [want.as_str()],
+                "the proxy's socket to the client"
+            );
+        };
+        proxied(other.clone()).await;
+        reload.send(()).await.unwrap();
+        // The reload is done once a new connection is served by the new flow.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let mut client = TcpStream::connect(addr).await.unwrap();
+            assert_eq!(round_trip_on(&mut client, b"ping").await, b"ping");
+            let here = client.local_addr().unwrap();
+            let now = sockets::congestion_controls(Some(addr), Some(here));
+            if now == [default.as_str()] || Instant::now() > deadline {
+                break;
+            }
+            Timer::after(Duration::from_millis(20)).await;
+        }
+        proxied(default).await;
+        drop(stop);
+        served.join().unwrap().unwrap();
+    });
+}
