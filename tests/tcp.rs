@@ -557,20 +557,7 @@ fn congestion_control_is_set_on_the_proxys_sockets_to_client_and_backend() {
         let mut client = proxy.connect().await;
         assert_eq!(round_trip_on(&mut client, b"ping").await, b"ping");
         let here = client.local_addr().unwrap();
-        let to_client = sockets::congestion_controls(Some(proxy.addr), Some(here));
-        let to_backend = sockets::congestion_controls(None, Some(backend.addr));
-        let client_own = sockets::congestion_controls(Some(here), None);
-        assert_eq!(
-            to_client,
-            [other.as_str()],
-            "the proxy's socket to the client"
-        );
-        assert_eq!(
-            to_backend,
-            [other.as_str()],
-            "the proxy's socket to the backend"
-        );
-        assert_eq!(client_own, [default.as_str()], "the client's socket");
+        sockets::assert_tunnel_runs(proxy.addr, here, backend.addr, &other, &default);
     });
 }
 

@@ -1800,19 +1800,6 @@ fn congestion_control_is_set_on_the_proxys_sockets_to_client_and_backend() {
         let mut ws = proxy.open("/chat").await;
         round_trip(&mut ws, text("hello")).await;
         let here = ws.get_ref().local_addr().unwrap();
-        let to_client = sockets::congestion_controls(Some(proxy.addr), Some(here));
-        let to_backend = sockets::congestion_controls(None, Some(backend.addr));
-        let client_own = sockets::congestion_controls(Some(here), None);
-        assert_eq!(
-            to_client,
-            [other.as_str()],
-            "the proxy's socket to the client"
-        );
-        assert_eq!(
-            to_backend,
-            [other.as_str()],
-            "the proxy's socket to the backend"
-        );
-        assert_eq!(client_own, [default.as_str()], "the client's socket");
+        sockets::assert_tunnel_runs(proxy.addr, here, backend.addr, &other, &default);
     });
 }

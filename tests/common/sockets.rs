@@ -40,6 +40,23 @@ pub fn congestion_controls(local: Option<SocketAddr>, peer: Option<SocketAddr>) 
     found
 }
 
+/// Asserts that the proxy at `proxy` runs `want` on both of its sockets of the tunnel from
+/// `client` to `backend`, while the client's own socket runs `default`.
+pub fn assert_tunnel_runs(
+    proxy: SocketAddr,
+    client: SocketAddr,
+    backend: SocketAddr,
+    want: &str,
+    default: &str,
+) {
+    let to_client = congestion_controls(Some(proxy), Some(client));
+    let to_backend = congestion_controls(None, Some(backend));
+    let client_own = congestion_controls(Some(client), None);
+    assert_eq!(to_client, [want], "the proxy's socket to the client");
+    assert_eq!(to_backend, [want], "the proxy's socket to the backend");
+    assert_eq!(client_own, [default], "the client's socket");
+}
+
 /// The host's default congestion control, and another one it has that the tests can ask a
 /// proxy for (`None` when it has only one).
 pub fn default_and_other() -> (String, Option<String>) {
