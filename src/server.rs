@@ -418,11 +418,8 @@ pub(crate) trait SectionFlow: Send + Sync + Sized + 'static {
         client: N::Stream,
         peer: SocketAddr,
     ) -> impl Future<Output = Option<Box<crate::limit::Tunnel<N::Stream>>>> + Send + 'static;
-    /// The section's connection limits, its metrics, and the sender whose drop stops the
-    /// background work.
-    fn parts(&self) -> FlowParts<'_>;
-    /// The section's `congestion_control`, set on each connection either way.
-    fn congestion(&self) -> Option<&str>;
+    /// What every flow has, whatever its kind.
+    fn shared(&self) -> &Shared;
 
     /// Serves one accepted connection: the opening, in a box that is freed when the tunnel
     /// opens, then the tunnel, so a connection's task is sized for the tunnel alone.
@@ -432,7 +429,7 @@ pub(crate) trait SectionFlow: Send + Sync + Sized + 'static {
         client: N::Stream,
         peer: SocketAddr,
     ) -> impl Future<Output = ()> + Send + 'static {
-        if let Some(cc) = self.congestion() {
+        if let Some(cc) = &self.shared().congestion_control {
             // Connections the kernel accepted before the listener took the setting (at
             // start-up, or queued before a builder's `serve`) did not inherit it. (The name
             // was taken at start-up, so this does not fail.)
@@ -443,25 +440,39 @@ pub(crate) trait SectionFlow: Send + Sync + Sized + 'static {
         let opening = Box::pin(self.clone().open_tunnel(net.clone(), client, peer));
         async move {
             if let Some(mut tunnel) = opening.await {
-                let (admission, metrics, _) = self.parts();
-                tunnel.run(&net, admission, metrics).await;
+                let shared = self.shared();
+                tunnel.run(&net, &shared.admission, &shared.metrics).await;
             }
         }
     }
 
     /// Stops the background work (health checks, resolvers).
     fn stop_background(&self) {
-        let (_, _, stop) = self.parts();
+        let stop = &self.shared().stop;
         drop(stop.lock().unwrap_or_else(|e| e.into_inner()).take());
     }
 }
 
-/// What [`SectionFlow::parts`] lends: limits, metrics, the background work's stop sender.
-pub(crate) type FlowParts<'a> = (
-    &'a crate::limit::Admission,
-    &'a crate::metrics::Section,
-    &'a std::sync::Mutex<Option<async_channel::Sender<()>>>,
-);
+/// What every flow has, whatever its kind ([`SectionFlow::shared`]).
+pub(crate) struct Shared {
+    /// The section's name, in log lines.
+    pub(crate) name: Arc<str>,
+    /// The section's connection limits and its share of the process-wide cap.
+    pub(crate) admission: crate::limit::Admission,
+    /// Dropped to stop the flow's health checks and resolvers (on shutdown, or when a reload
+    /// replaces the flow).
+    pub(crate) stop: std::sync::Mutex<Option<async_channel::Sender<()>>>,
+    /// The listener's address: the PROXY header's destination when the runtime cannot tell
+    /// a stream's own local address.
+    pub(crate) listen_addr: Option<SocketAddr>,
+    pub(crate) metrics: Arc<crate::metrics::Section>,
+    /// Terminates TLS on the listener (`tls`), with certificates read when the flow started.
+    pub(crate) acceptor: Option<crate::tls::Acceptor>,
+    /// Speaks TLS to backends (`upstream_tls`, or a WebSocket section's `wss://` backends).
+    pub(crate) connector: Option<Arc<crate::tls::Connector>>,
+    /// Set on each connection, to the client and to the backend (`congestion_control`).
+    pub(crate) congestion_control: Option<String>,
+}
 
 /// A builder's proxy (`TcpProxy`, `WsProxy`) on any [`Net`]: logs the listener, starts the
 /// flow, accepts until `shutdown` completes, then drains for up to `drain_timeout`.

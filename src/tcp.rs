@@ -256,18 +256,20 @@ impl server::SectionFlow for Flow {
                 .collect(),
         );
         Ok(Arc::new(Flow {
-            acceptor,
-            connector,
+            shared: server::Shared {
+                admission: limit::Admission::new(&s.name, s.limits, global, net.now()),
+                name: s.name.into(),
+                stop: std::sync::Mutex::new(Some(stop)),
+                listen_addr,
+                metrics,
+                acceptor,
+                connector,
+                congestion_control: s.congestion_control,
+            },
             sni,
-            metrics,
-            admission: limit::Admission::new(&s.name, s.limits, global, net.now()),
             retry: Retry::from_config(&s.balancing, s.connect_timeout_ms),
             pool,
-            name: s.name.into(),
-            stop: std::sync::Mutex::new(Some(stop)),
             proxy_protocol: s.send_proxy_protocol,
-            listen_addr,
-            congestion_control: s.congestion_control,
         }))
     }
 
@@ -280,38 +282,20 @@ impl server::SectionFlow for Flow {
         self.connect(net, client, peer)
     }
 
-    fn parts(&self) -> server::FlowParts<'_> {
-        (&self.admission, &self.metrics, &self.stop)
-    }
-
-    fn congestion(&self) -> Option<&str> {
-        self.congestion_control.as_deref()
+    fn shared(&self) -> &server::Shared {
+        &self.shared
     }
 }
 
 /// What every connection of one TCP proxy shares.
 pub(crate) struct Flow {
-    pub(crate) name: std::sync::Arc<str>,
-    admission: limit::Admission,
-    /// Dropped to stop this flow's health checks and resolver (on shutdown, or when a reload
-    /// replaces the flow).
-    stop: std::sync::Mutex<Option<async_channel::Sender<()>>>,
+    shared: server::Shared,
     pool: Pool,
     retry: Retry,
     /// The PROXY protocol header to send each backend first, if any.
     proxy_protocol: Option<proxy_protocol::Version>,
-    /// The listener's address: the PROXY header's destination when the runtime cannot tell
-    /// a stream's own local address.
-    listen_addr: Option<SocketAddr>,
-    metrics: Arc<metrics::Section>,
-    /// Terminates TLS on the listener (`tls`), with certificates read when the flow started.
-    acceptor: Option<tls::Acceptor>,
-    /// Speaks TLS to every backend (`upstream_tls`).
-    connector: Option<Arc<tls::Connector>>,
     /// `[[tcp_proxy.sni_route]]`s in file order: a name pattern and its pool.
     sni: Vec<(String, Pool)>,
-    /// Set on each backend connection (`congestion_control`); the listener's carry it already.
-    congestion_control: Option<String>,
 }
 
 impl Flow {
@@ -327,7 +311,7 @@ impl Flow {
         peer: SocketAddr,
     ) -> Result<(tls::Stream<N::Stream>, Vec<u8>, Option<String>), String> {
         let limit = TLS_HANDSHAKE_TIMEOUT;
-        if let Some(acceptor) = &self.acceptor {
+        if let Some(acceptor) = &self.shared.acceptor {
             return match tls::accept(net, acceptor, client, early, limit).await {
                 Ok(Ok(stream)) => {
                     let name = stream.server_name().map(str::to_string);
@@ -336,9 +320,9 @@ impl Flow {
                 Ok(Err((mut client, _))) => {
                     warn!(
                         "tcp name={} client={peer} TLS handshake failed (not_tls): the client does not speak TLS",
-                        self.name
+                        self.shared.name
                     );
-                    self.metrics.tls_handshake_failed("not_tls");
+                    self.shared.metrics.tls_handshake_failed("not_tls");
                     let _ = net::timeout(net, limit, client.close()).await;
                     Err("refused: not TLS, to a TLS listener".into())
                 }
@@ -346,9 +330,9 @@ impl Flow {
                     let reason = tls::failure_reason(&e);
                     warn!(
                         "tcp name={} client={peer} TLS handshake failed ({reason}): {e}",
-                        self.name
+                        self.shared.name
                     );
-                    self.metrics.tls_handshake_failed(reason);
+                    self.shared.metrics.tls_handshake_failed(reason);
                     Err(format!("client TLS handshake failed: {reason}"))
                 }
             };
@@ -368,7 +352,7 @@ impl Flow {
             Err(e) => {
                 warn!(
                     "tcp name={} client={peer} closed: no ClientHello to route by: {e}",
-                    self.name
+                    self.shared.name
                 );
                 Err(format!("client sent no ClientHello to route by: {e}"))
             }
@@ -384,17 +368,17 @@ impl Flow {
         peer: SocketAddr,
     ) -> Option<Box<limit::Tunnel<N::Stream>>> {
         let started = net.now();
-        let open = self.metrics.open();
+        let open = self.shared.metrics.open();
         // Behind a load balancer, the client is who its PROXY header says.
-        let (peer, early) = match &self.admission.limits().accept_proxy_protocol {
+        let (peer, early) = match &self.shared.admission.limits().accept_proxy_protocol {
             None => (peer, Vec::new()),
             Some(accept) => {
                 let limit = server::PROXY_HEADER_TIMEOUT;
                 match server::accept_proxy(&net, &mut client, peer, accept, limit).await {
                     Ok(found) => found,
                     Err(why) => {
-                        warn!("tcp name={} closed: {why}", self.name);
-                        self.metrics.refused_proxy_header();
+                        warn!("tcp name={} closed: {why}", self.shared.name);
+                        self.shared.metrics.refused_proxy_header();
                         return None;
                     }
                 }
@@ -402,10 +386,10 @@ impl Flow {
         };
         // Over a limit: closed at once (TCP has no way to say why); the refusal is logged,
         // at most once a second.
-        let ticket = match self.admission.admit(peer.ip(), started) {
+        let ticket = match self.shared.admission.admit(peer.ip(), started) {
             Ok(ticket) => ticket,
             Err(why) => {
-                self.metrics.refused(why);
+                self.shared.metrics.refused(why);
                 return None;
             }
         };
@@ -418,7 +402,7 @@ impl Flow {
         // KiB with TLS) is freed when the tunnel opens, rather than kept for its whole life.
         let mut access = Access {
             kind: "tcp",
-            section: self.name.clone(),
+            section: self.shared.name.clone(),
             client: Some(peer),
             ..Access::default()
         };
@@ -431,7 +415,7 @@ impl Flow {
             Err(end) => {
                 access.end = end;
                 access.duration_ms = net.now().duration_since(started).as_millis() as u64;
-                access.closed(&self.metrics);
+                access.closed(&self.shared.metrics);
                 return None;
             }
         };
@@ -446,12 +430,12 @@ impl Flow {
         while let Some(mut lease) = attempts.next(net.now()) {
             let limit = attempts.connect_timeout(net.now());
             let header = self.proxy_protocol.map(|v| {
-                let dest = local.or(self.listen_addr).unwrap_or(peer);
+                let dest = local.or(self.shared.listen_addr).unwrap_or(peer);
                 proxy_protocol::encode(v, peer, dest)
             });
             let connect = async {
                 let mut stream = lease.backend().connect(&net).await?;
-                if let Some(cc) = &self.congestion_control {
+                if let Some(cc) = &self.shared.congestion_control {
                     // (The listener took the name at start-up, so this does not fail.)
                     let _ = net.set_congestion_control(&stream, cc);
                 }
@@ -459,7 +443,7 @@ impl Flow {
                 if let Some(header) = header {
                     stream.write_all(&header).await?;
                 }
-                match &self.connector {
+                match &self.shared.connector {
                     Some(c) => c.connect(lease.backend().host(), stream).await,
                     None => Ok(tls::Stream::Plain(stream)),
                 }
@@ -468,7 +452,7 @@ impl Flow {
             match net::timeout(&net, limit, Box::pin(connect)).await {
                 Ok(stream) => {
                     let took = net.now().duration_since(tried);
-                    self.metrics.connected(lease.backend().addr(), took);
+                    self.shared.metrics.connected(lease.backend().addr(), took);
                     lease.succeeded();
                     connected = Some((stream, lease));
                     break;
@@ -476,23 +460,26 @@ impl Flow {
                 Err(e) if limit::is_exhaustion(&e) => {
                     // This process is out of descriptors: nothing to hold against the backend,
                     // and no other backend would fare better. Refused, logged once a second.
-                    self.admission
+                    self.shared
+                        .admission
                         .refuse(limit::Refused::Exhausted, peer.ip(), net.now());
-                    self.metrics.refused(limit::Refused::Exhausted);
+                    self.shared.metrics.refused(limit::Refused::Exhausted);
                     exhausted = true;
                     break;
                 }
                 Err(e) => {
                     warn!(
                         "tcp name={} client={peer} cannot connect to backend {}: {e}",
-                        self.name,
+                        self.shared.name,
                         lease.backend()
                     );
                     let reason = match tls::is_backend_handshake(&e) {
                         true => "tls_handshake",
                         false => metrics::failure_reason(&e),
                     };
-                    self.metrics.connect_failed(lease.backend().addr(), reason);
+                    self.shared
+                        .metrics
+                        .connect_failed(lease.backend().addr(), reason);
                     lease.failed(net.now());
                 }
             }
@@ -507,7 +494,7 @@ impl Flow {
                 "every backend tried failed"
             }
             .to_string();
-            access.closed(&self.metrics);
+            access.closed(&self.shared.metrics);
             return None;
         };
         access.backend = Some(lease.backend().to_string());
@@ -520,7 +507,7 @@ impl Flow {
             to_client: Vec::new(),
             log: access,
             started,
-            max_age: self.admission.max_age(u64::from(peer.port())),
+            max_age: self.shared.admission.max_age(u64::from(peer.port())),
             _ticket: ticket,
             _lease: lease,
             _open: open,

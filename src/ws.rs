@@ -224,25 +224,25 @@ impl server::SectionFlow for Flow {
     ) -> Result<Arc<Self>, Error> {
         let admission = limit::Admission::new(&s.name, s.limits.clone(), global, net.now());
         let mut flow = Flow::new(s)?;
-        flow.admission = admission;
-        flow.listen_addr = listen_addr;
+        flow.shared.admission = admission;
+        flow.shared.listen_addr = listen_addr;
         let (stop, stopped) = async_channel::bounded::<()>(1);
         for r in &flow.routes {
-            let pool = format!("{}{}", flow.name, r.config.path);
+            let pool = format!("{}{}", flow.shared.name, r.config.path);
             if let Some(check) = &r.config.health_check {
-                let tls = flow.connector.clone();
+                let tls = flow.shared.connector.clone();
                 let header = r.config.send_proxy_protocol;
                 health::spawn_checks(net, &pool, r.pool.backends(), check, &stopped, tls, header);
             }
             let every = Duration::from_millis(r.config.balancing.resolve_interval_ms);
             balancer::spawn_resolver(net, &pool, r.pool.backends(), every, &stopped);
         }
-        flow.stop = std::sync::Mutex::new(Some(stop));
+        flow.shared.stop = std::sync::Mutex::new(Some(stop));
         let pools = flow.routes.iter().map(|r| {
-            let name = format!("{}{}", flow.name, r.config.path);
+            let name = format!("{}{}", flow.shared.name, r.config.path);
             (name, r.pool.backends().to_vec())
         });
-        flow.metrics.set_pools(pools.collect());
+        flow.shared.metrics.set_pools(pools.collect());
         Ok(Arc::new(flow))
     }
 
@@ -255,36 +255,19 @@ impl server::SectionFlow for Flow {
         self.open(net, client, peer)
     }
 
-    fn parts(&self) -> server::FlowParts<'_> {
-        (&self.admission, &self.metrics, &self.stop)
-    }
-
-    fn congestion(&self) -> Option<&str> {
-        self.congestion_control.as_deref()
+    fn shared(&self) -> &server::Shared {
+        &self.shared
     }
 }
 
 /// What every connection of one WebSocket proxy shares.
 pub(crate) struct Flow {
-    pub(crate) name: std::sync::Arc<str>,
-    admission: limit::Admission,
-    /// Dropped to stop this flow's health checks and resolvers (on shutdown, or when a reload
-    /// replaces the flow).
-    stop: std::sync::Mutex<Option<async_channel::Sender<()>>>,
-    /// The listener's address, for PROXY headers when the runtime cannot tell a stream's own.
-    listen_addr: Option<SocketAddr>,
+    shared: server::Shared,
     read_timeout: Duration,
     upgrade_timeout: Duration,
     max_head: usize,
     health_path: Option<String>,
     routes: Vec<Route>,
-    metrics: Arc<metrics::Section>,
-    /// Terminates TLS on the listener (`tls`), with certificates read when the flow started.
-    acceptor: Option<tls::Acceptor>,
-    /// Speaks TLS to `wss://` backends; present when there is one.
-    connector: Option<Arc<tls::Connector>>,
-    /// Set on each backend connection (`congestion_control`); the listener's carry it already.
-    congestion_control: Option<String>,
 }
 
 /// A configured route with its pool.
@@ -335,23 +318,25 @@ impl Flow {
             )),
         };
         Ok(Flow {
-            acceptor,
-            connector,
-            admission: limit::Admission::new(
-                &s.name,
-                s.limits.clone(),
-                None,
-                std::time::Instant::now(),
-            ),
-            metrics: metrics::section("ws", &s.name),
-            name: s.name.into(),
-            stop: std::sync::Mutex::new(None),
-            listen_addr: None,
+            shared: server::Shared {
+                admission: limit::Admission::new(
+                    &s.name,
+                    s.limits.clone(),
+                    None,
+                    std::time::Instant::now(),
+                ),
+                metrics: metrics::section("ws", &s.name),
+                name: s.name.into(),
+                stop: std::sync::Mutex::new(None),
+                listen_addr: None,
+                acceptor,
+                connector,
+                congestion_control: s.congestion_control,
+            },
             read_timeout: Duration::from_millis(s.read_timeout_ms),
             upgrade_timeout: Duration::from_millis(s.upgrade_timeout_ms),
             max_head: s.max_request_head_bytes,
             health_path: s.health_path,
-            congestion_control: s.congestion_control,
             routes,
         })
     }
@@ -365,30 +350,30 @@ impl Flow {
         peer: SocketAddr,
     ) -> Option<Box<limit::Tunnel<N::Stream>>> {
         let started = net.now();
-        let open = self.metrics.open();
+        let open = self.shared.metrics.open();
         let mut log = Access {
             kind: "ws",
-            section: self.name.clone(),
+            section: self.shared.name.clone(),
             client: Some(peer),
             ..Access::default()
         };
         // Behind a load balancer, the client is who its PROXY header says.
-        let (peer, early) = match &self.admission.limits().accept_proxy_protocol {
+        let (peer, early) = match &self.shared.admission.limits().accept_proxy_protocol {
             None => (peer, Vec::new()),
             Some(accept) => {
                 let limit = self.read_timeout;
                 match server::accept_proxy(&net, &mut client, peer, accept, limit).await {
                     Ok(found) => found,
                     Err(why) => {
-                        warn!("ws name={} closed: {why}", self.name);
-                        self.metrics.refused_proxy_header();
+                        warn!("ws name={} closed: {why}", self.shared.name);
+                        self.shared.metrics.refused_proxy_header();
                         return None;
                     }
                 }
             }
         };
         log.client = Some(peer);
-        let admitted = self.admission.admit(peer.ip(), started);
+        let admitted = self.shared.admission.admit(peer.ip(), started);
         // On a TLS listener, the handshake first (within the read timeout, as the head): every
         // answer after it, a refusal included, goes over TLS.
         // The address the client reached, for a PROXY header to the backend; asked of the
@@ -400,7 +385,7 @@ impl Flow {
         let local = sends_proxy_header
             .then(|| net.local_addr(&client).ok())
             .flatten();
-        let (mut client, early) = match &self.acceptor {
+        let (mut client, early) = match &self.shared.acceptor {
             None => (tls::Stream::Plain(client), early),
             Some(acceptor) => {
                 let limit = self.read_timeout;
@@ -410,27 +395,27 @@ impl Flow {
                         (stream, Vec::new())
                     }
                     Ok(Err((mut plain, _))) => {
-                        warn!("ws name={} client={peer} TLS handshake failed (not_tls): the client speaks plain HTTP to a TLS listener", self.name);
-                        self.metrics.tls_handshake_failed("not_tls");
+                        warn!("ws name={} client={peer} TLS handshake failed (not_tls): the client speaks plain HTTP to a TLS listener", self.shared.name);
+                        self.shared.metrics.tls_handshake_failed("not_tls");
                         let text = "this listener speaks TLS: connect with wss:// or https://";
                         let bytes = handshake::response(400, text, &[]);
                         Box::pin(self.answer(&net, &mut plain, &bytes)).await;
                         log.status = Some(400);
                         log.end = "refused: plain HTTP to a TLS listener".into();
                         log.duration_ms = net.now().duration_since(started).as_millis() as u64;
-                        log.closed(&self.metrics);
+                        log.closed(&self.shared.metrics);
                         return None;
                     }
                     Err(e) => {
                         let reason = tls::failure_reason(&e);
                         warn!(
                             "ws name={} client={peer} TLS handshake failed ({reason}): {e}",
-                            self.name
+                            self.shared.name
                         );
-                        self.metrics.tls_handshake_failed(reason);
+                        self.shared.metrics.tls_handshake_failed(reason);
                         log.end = format!("client TLS handshake failed: {reason}");
                         log.duration_ms = net.now().duration_since(started).as_millis() as u64;
-                        log.closed(&self.metrics);
+                        log.closed(&self.shared.metrics);
                         return None;
                     }
                 }
@@ -453,7 +438,7 @@ impl Flow {
                 }
             }
             Err(why) => {
-                self.metrics.refused(why);
+                self.shared.metrics.refused(why);
                 Err(over_capacity("over a connection limit"))
             }
         };
@@ -463,7 +448,8 @@ impl Flow {
             Err(Ended::Answered { status, .. }) => Some(*status),
             Err(Ended::Quietly(_)) => None,
         } {
-            self.metrics
+            self.shared
+                .metrics
                 .handshake(status, net.now().duration_since(started));
         }
         match outcome {
@@ -477,7 +463,7 @@ impl Flow {
                     to_client,
                     log,
                     started,
-                    max_age: self.admission.max_age(u64::from(peer.port())),
+                    max_age: self.shared.admission.max_age(u64::from(peer.port())),
                     _ticket: ticket,
                     _lease: lease,
                     _open: open,
@@ -496,7 +482,7 @@ impl Flow {
             Err(Ended::Quietly(why)) => log.end = why,
         }
         log.duration_ms = net.now().duration_since(started).as_millis() as u64;
-        log.closed(&self.metrics);
+        log.closed(&self.shared.metrics);
         None
     }
 
@@ -546,7 +532,7 @@ impl Flow {
         // that has sent nothing when the drain starts is closed then, or a second after its
         // accept if that is later (its request may be on the way).
         let idle = early.is_empty();
-        let client = limit::UntilDraining::new(&mut *client, net, &self.admission, idle);
+        let client = limit::UntilDraining::new(&mut *client, net, &self.shared.admission, idle);
         let mut reader = futures_lite::io::Cursor::new(early).chain(client);
         let head = match net::timeout(
             net,
@@ -617,7 +603,7 @@ impl Flow {
                 .map_err(Ended::Refused)?;
             let limit = attempts.connect_timeout(net.now());
             let proxy_header = route.config.send_proxy_protocol.map(|v| {
-                let dest = local.or(self.listen_addr).unwrap_or(peer);
+                let dest = local.or(self.shared.listen_addr).unwrap_or(peer);
                 proxy_protocol::encode(v, peer, dest)
             });
             let tried = net.now();
@@ -626,12 +612,12 @@ impl Flow {
                 // The upgrade request (or the TLS ClientHello) goes out at once.
                 let connect = backend_ref.connect_speaking(net);
                 let mut upstream = net::timeout(net, limit, connect).await?;
-                if let Some(cc) = &self.congestion_control {
+                if let Some(cc) = &self.shared.congestion_control {
                     // (The listener took the name at start-up, so this does not fail.)
                     let _ = net.set_congestion_control(&upstream, cc);
                 }
                 connect_took = Some(net.now().duration_since(tried));
-                let mut upstream = match (&self.connector, backend_ref.is_tls()) {
+                let mut upstream = match (&self.shared.connector, backend_ref.is_tls()) {
                     (Some(c), true) => {
                         // The PROXY header goes first, on the raw connection, before TLS.
                         if let Some(header) = &proxy_header {
@@ -658,7 +644,7 @@ impl Flow {
             };
             let attempted = attempt.await;
             if let Some(took) = connect_took {
-                self.metrics.connected(&backend, took);
+                self.shared.metrics.connected(&backend, took);
             }
             let mut upstream = match attempted {
                 Ok(s) => s,
@@ -666,21 +652,21 @@ impl Flow {
                     // This process is out of descriptors, not the backend at fault: 503, as
                     // over a limit, and nothing recorded against the backend's health.
                     let why = limit::Refused::Exhausted;
-                    self.admission.refuse(why, peer.ip(), net.now());
-                    self.metrics.refused(why);
+                    self.shared.admission.refuse(why, peer.ip(), net.now());
+                    self.shared.metrics.refused(why);
                     return Err(over_capacity("refused: out of file descriptors"));
                 }
                 Err(e) => {
                     warn!(
                         "ws name={} client={peer} cannot connect to backend {backend}: {e}",
-                        self.name
+                        self.shared.name
                     );
                     let reason = match connect_took {
                         None => metrics::failure_reason(&e),
                         Some(_) if tls::is_backend_handshake(&e) => "tls_handshake",
                         Some(_) => "upgrade_error",
                     };
-                    self.metrics.connect_failed(&backend, reason);
+                    self.shared.metrics.connect_failed(&backend, reason);
                     lease.failed(net.now());
                     // As nginx: the last backend's failure decides, 504 for a timeout.
                     last = Ended::Refused(if e.kind() == io::ErrorKind::TimedOut {
@@ -703,8 +689,10 @@ impl Flow {
                     // As nginx's default (proxy_next_upstream error timeout): nothing has
                     // reached the client yet, so the next backend may still serve it; 504 when
                     // this was the last one.
-                    warn!("ws name={} client={peer} backend {backend} did not answer the upgrade in time", self.name);
-                    self.metrics.connect_failed(&backend, "upgrade_timeout");
+                    warn!("ws name={} client={peer} backend {backend} did not answer the upgrade in time", self.shared.name);
+                    self.shared
+                        .metrics
+                        .connect_failed(&backend, "upgrade_timeout");
                     lease.failed(net.now());
                     last = Ended::Refused(Refusal::GatewayTimeout);
                     continue;
@@ -714,9 +702,11 @@ impl Flow {
                     // reached the client yet, so another backend may still serve it.
                     warn!(
                         "ws name={} client={peer} backend {backend} failed during the upgrade: {e}",
-                        self.name
+                        self.shared.name
                     );
-                    self.metrics.connect_failed(&backend, "upgrade_error");
+                    self.shared
+                        .metrics
+                        .connect_failed(&backend, "upgrade_error");
                     lease.failed(net.now());
                     last = Ended::Refused(Refusal::BadGateway);
                     continue;
@@ -755,8 +745,8 @@ impl Flow {
                 Err(bad) => {
                     // Not recorded against its health: it is up and answering (health counts
                     // connect failures and timeouts), only its answer is wrong.
-                    warn!("ws name={} client={peer} backend {backend} gave a bad upgrade response: {bad:?}", self.name);
-                    self.metrics.connect_failed(&backend, "bad_response");
+                    warn!("ws name={} client={peer} backend {backend} gave a bad upgrade response: {bad:?}", self.shared.name);
+                    self.shared.metrics.connect_failed(&backend, "bad_response");
                     Err(Ended::Refused(Refusal::from(bad)))
                 }
             };
