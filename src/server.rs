@@ -789,7 +789,6 @@ impl Section {
         }
     }
 
-    /// Whether the section reads certificate files (listener or backend side).
     /// The section's `congestion_control`, and a way to change it.
     fn congestion_control(&mut self) -> &mut Option<String> {
         match self {
@@ -798,6 +797,7 @@ impl Section {
         }
     }
 
+    /// Whether the section reads certificate files (listener or backend side).
     fn has_tls(&self) -> bool {
         match self {
             Section::Tcp(s) => !s.tls.is_empty() || s.upstream_tls.is_some(),
@@ -874,7 +874,7 @@ impl Live {
     fn start<N: Net>(
         net: &N,
         listener: N::Listener,
-        section: Section,
+        mut section: Section,
         tracker: &Arc<Tracker>,
         global: &Arc<crate::limit::Global>,
     ) -> Result<Live, Error> {
@@ -888,7 +888,6 @@ impl Live {
             Section::Tcp(s) => Flows::Tcp(serve_section(net, listener, s.clone(), t, g, stopped)?),
             Section::Ws(s) => Flows::Ws(serve_section(net, listener, s.clone(), t, g, stopped)?),
         };
-        let mut section = section;
         Ok(Live {
             listener_cc: section.congestion_control().clone(),
             section,
