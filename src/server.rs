@@ -429,12 +429,9 @@ pub(crate) trait SectionFlow: Send + Sync + Sized + 'static {
         client: N::Stream,
         peer: SocketAddr,
     ) -> impl Future<Output = ()> + Send + 'static {
-        if let Some(cc) = &self.shared().congestion_control {
-            // Connections the kernel accepted before the listener took the setting (at
-            // start-up, or queued before a builder's `serve`) did not inherit it. (The name
-            // was taken at start-up, so this does not fail.)
-            let _ = net.set_congestion_control(&client, cc);
-        }
+        // Connections the kernel accepted before the listener took the setting (at start-up,
+        // or queued before a builder's `serve`) did not inherit it.
+        self.shared().congestion(&net, &client);
         // The tunnel comes back boxed too: the task then holds a pointer to it rather than a
         // copy of it next to the one the opening's result occupied.
         let opening = Box::pin(self.clone().open_tunnel(net.clone(), client, peer));
@@ -472,6 +469,17 @@ pub(crate) struct Shared {
     pub(crate) connector: Option<Arc<crate::tls::Connector>>,
     /// Set on each connection, to the client and to the backend (`congestion_control`).
     pub(crate) congestion_control: Option<String>,
+}
+
+impl Shared {
+    /// Sets the section's `congestion_control`, if it has one, on a connection (to the
+    /// client or to a backend). The listener took the name at start-up, so this does not
+    /// fail.
+    pub(crate) fn congestion<N: Net>(&self, net: &N, stream: &N::Stream) {
+        if let Some(cc) = &self.congestion_control {
+            let _ = net.set_congestion_control(stream, cc);
+        }
+    }
 }
 
 /// A builder's proxy (`TcpProxy`, `WsProxy`) on any [`Net`]: logs the listener, starts the

@@ -435,10 +435,7 @@ impl Flow {
             });
             let connect = async {
                 let mut stream = lease.backend().connect(&net).await?;
-                if let Some(cc) = &self.shared.congestion_control {
-                    // (The listener took the name at start-up, so this does not fail.)
-                    let _ = net.set_congestion_control(&stream, cc);
-                }
+                self.shared.congestion(&net, &stream);
                 // The PROXY header goes first, on the raw connection, before any TLS.
                 if let Some(header) = header {
                     stream.write_all(&header).await?;

@@ -612,10 +612,7 @@ impl Flow {
                 // The upgrade request (or the TLS ClientHello) goes out at once.
                 let connect = backend_ref.connect_speaking(net);
                 let mut upstream = net::timeout(net, limit, connect).await?;
-                if let Some(cc) = &self.shared.congestion_control {
-                    // (The listener took the name at start-up, so this does not fail.)
-                    let _ = net.set_congestion_control(&upstream, cc);
-                }
+                self.shared.congestion(net, &upstream);
                 connect_took = Some(net.now().duration_since(tried));
                 let mut upstream = match (&self.shared.connector, backend_ref.is_tls()) {
                     (Some(c), true) => {
