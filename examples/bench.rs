@@ -1051,13 +1051,7 @@ fn main() {
         None => None,
     };
     let d = Duration::from_secs_f64(opts.secs);
-    // Every TCP connection here, proxied or not, runs the host's congestion control unless a
-    // proxy's config says otherwise; BBR paces, which bounds the one-connection test.
-    let cc = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control");
-    eprintln!(
-        "TCP congestion control: {} (net.ipv4.tcp_congestion_control)",
-        cc.as_deref().map_or("unknown", str::trim)
-    );
+    eprintln!("TCP congestion control: {}", host_congestion_control());
     eprintln!(
         "{} round(s) of {:.1} s per test, {} idle connections; targets: {}",
         opts.rounds,
@@ -1281,11 +1275,22 @@ fn fmt_value(key: &str, v: f64) -> String {
     }
 }
 
+/// The host's congestion control, which every TCP connection here runs unless a proxy's config
+/// says otherwise (BBR paces, which bounds the one-connection test: see the README).
+fn host_congestion_control() -> String {
+    let cc = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control");
+    let cc = cc.as_deref().map_or("unknown", str::trim);
+    format!("{cc} (net.ipv4.tcp_congestion_control)")
+}
+
 fn print_table(targets: &[Target], results: &BTreeMap<(Target, &'static str), Vec<f64>>, o: &Opts) {
     println!(
         "\nportcullis benchmark: medians of {} round(s), {:.1} s per test, {} idle connections; \
-         ratios are to direct\n",
-        o.rounds, o.secs, o.idle
+         ratios are to direct; TCP congestion control {}\n",
+        o.rounds,
+        o.secs,
+        o.idle,
+        host_congestion_control()
     );
     let width = 18;
     let mut header = format!("| {:<32} |", "test");
