@@ -545,8 +545,7 @@ mod sockets;
 #[cfg(target_os = "linux")]
 #[test]
 fn congestion_control_is_set_on_the_proxys_sockets_to_client_and_backend() {
-    let (default, Some(other)) = sockets::default_and_other() else {
-        eprintln!("the host has one congestion control algorithm: nothing to choose");
+    let Some((default, other)) = sockets::default_and_other() else {
         return;
     };
     run(|ex| async move {
@@ -591,8 +590,7 @@ async fn round_trip_on(s: &mut TcpStream, msg: &[u8]) -> Vec<u8> {
 #[cfg(target_os = "linux")]
 #[test]
 fn a_reload_without_congestion_control_gives_new_connections_the_hosts_default() {
-    let (default, Some(other)) = sockets::default_and_other() else {
-        eprintln!("the host has one congestion control algorithm: nothing to choose");
+    let Some((default, other)) = sockets::default_and_other() else {
         return;
     };
     run(|ex| async move {

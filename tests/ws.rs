@@ -1786,8 +1786,7 @@ mod sockets;
 #[cfg(target_os = "linux")]
 #[test]
 fn congestion_control_is_set_on_the_proxys_sockets_to_client_and_backend() {
-    let (default, Some(other)) = sockets::default_and_other() else {
-        eprintln!("the host has one congestion control algorithm: nothing to choose");
+    let Some((default, other)) = sockets::default_and_other() else {
         return;
     };
     run(|ex| async move {

@@ -57,14 +57,17 @@ pub fn assert_tunnel_runs(
     assert_eq!(client_own, [default], "the client's socket");
 }
 
-/// The host's default congestion control, and another one it has that the tests can ask a
-/// proxy for (`None` when it has only one).
-pub fn default_and_other() -> (String, Option<String>) {
+/// The host's default congestion control and another one it has that a test can ask a proxy
+/// for; `None` (said on stderr) when the host has only one, and there is nothing to choose.
+pub fn default_and_other() -> Option<(String, String)> {
     let read = |f: &str| std::fs::read_to_string(format!("/proc/sys/net/ipv4/{f}")).unwrap();
     let default = read("tcp_congestion_control").trim().to_string();
     let other = read("tcp_available_congestion_control")
         .split_whitespace()
         .find(|a| *a != default)
         .map(String::from);
-    (default, other)
+    if other.is_none() {
+        eprintln!("the host has one congestion control algorithm: nothing to choose");
+    }
+    Some((default, other?))
 }
