@@ -13,12 +13,14 @@
 //! portcullis / the baseline column, e.g. `congestion_control = "cubic"`.)
 //!
 //! It builds the release `portcullis` binary, starts a WebSocket echo backend and a TCP sink
-//! backend (this same program, `--backends`, in a second process) and, for each target in turn,
-//! starts the proxy as a separate process in front of them. The load generator and the backends
-//! are pinned to core 0 and the proxy to core 1, with one worker/thread each. Rounds are
-//! interleaved (every target once per round); the table shows medians and ratios to direct.
+//! backend (this same program, `--backends`, in a second process) and, each round, starts every
+//! target's proxy as a separate process in front of them. The load generator and the backends
+//! are pinned to core 0 and the proxies to core 1, with one worker/thread each. Each test runs
+//! against every target back to back (the order turning each round), so the figures a ratio
+//! compares were taken seconds apart; the table shows medians, and for each ratio the median of
+//! the rounds' ratios to direct.
 //!
-//! Tests, in this order for each target:
+//! Tests, in this order:
 //! - resident memory per idle WebSocket connection: the proxy's RSS grows by this much per
 //!   tunnel with `--idle` (9000) tunnels open, each having carried one 64 B echo;
 //! - WebSocket echo, 64 B and 16 KiB messages, 50 connections in a closed loop: messages/s and
@@ -107,6 +109,13 @@ impl Opts {
             }
         }
         o
+    }
+
+    /// Whether `--tests` (if given) names this test.
+    fn wants(&self, test: &str) -> bool {
+        self.tests
+            .as_ref()
+            .is_none_or(|ts| ts.iter().any(|t| t == test))
     }
 }
 
@@ -389,12 +398,6 @@ async fn tcp_sink(mut s: TcpStream) -> io::Result<()> {
 
 // ---------------------------------------------------------------------------------------------
 // The tests (load generator side)
-
-#[derive(Default)]
-struct Outcome {
-    /// metric name → value
-    values: Vec<(&'static str, f64)>,
-}
 
 /// A flag that turns true once `d` has passed.
 fn stop_after(ex: &LocalExecutor<'_>, d: Duration) -> Rc<Cell<bool>> {
@@ -749,7 +752,7 @@ fn start_proxy(
     match target {
         Target::Direct => unreachable!(),
         Target::Portcullis | Target::Baseline => {
-            let file = dir.join("portcullis.toml");
+            let file = dir.join(format!("{}.toml", target.name()));
             // No access lines, as nginx (`access_log off`) and HAProxy (no `log`) write none:
             // the same work. BENCH_CONFIG / BENCH_BASELINE_CONFIG replace these top-level
             // settings for the portcullis / the baseline column, e.g. "busy_poll_us = 0" (polling
@@ -862,12 +865,13 @@ fn start_proxy(
             cmd.args(["haproxy", "-db", "-f"]).arg(&file);
         }
     }
+    let log = dir.join(format!("{}.stderr.log", target.name()));
     let child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        // portcullis's standard error: kept in the scratch directory (the last run's only),
-        // shown if the proxy fails to start.
-        .stderr(std::fs::File::create(dir.join("stderr.log"))?)
+        // The proxy's standard error: kept in the scratch directory (the round's latest, one
+        // file per target), shown if the proxy fails to start.
+        .stderr(std::fs::File::create(&log)?)
         .spawn()?;
     let proxy = Proxy {
         child,
@@ -881,7 +885,7 @@ fn start_proxy(
         || wss.is_some_and(|a| std::net::TcpStream::connect(a).is_err())
     {
         if Instant::now() > deadline {
-            let log = std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default();
+            let log = std::fs::read_to_string(&log).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(5).collect();
             return Err(other(format!(
                 "{} did not start listening: {}",
@@ -1063,10 +1067,14 @@ fn main() {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let mut results: BTreeMap<(Target, &'static str), Vec<f64>> = BTreeMap::new();
+    let mut results = Results::new();
     let ex = LocalExecutor::new();
     let started = Instant::now();
+    let verbose = std::env::var_os("BENCH_VERBOSE").is_some();
     for round in 0..opts.rounds {
+        // Every target's proxy runs for the whole round (fresh processes each round, so the
+        // memory test sees a new one); the ones not under test sit idle on core 1.
+        let mut running: Vec<(Target, Endpoints, Option<Proxy>)> = Vec::new();
         for &target in &targets {
             let start = |tls| start_proxy(target, &bin, &dir, ws_backend, tcp_backend, tls);
             let proxy = match target {
@@ -1090,36 +1098,36 @@ fn main() {
                     }
                 },
             };
-            let (ws, tcp) = proxy
-                .as_ref()
-                .map_or((ws_backend, tcp_backend), |p| (p.ws, p.tcp));
-            let pid = proxy.as_ref().map(|p| p.child.id());
-            let wss = proxy
-                .as_ref()
-                .and_then(|p| p.wss)
-                .zip(certs.as_ref().map(|c| c.connector.clone()));
-            let out = smol::block_on(ex.run(run_target(
-                &ex,
-                ws,
-                tcp,
-                wss,
-                pid,
-                d,
-                opts.idle,
-                opts.tests.as_deref(),
-            )));
-            let verbose = std::env::var_os("BENCH_VERBOSE").is_some();
-            for (k, v) in out.values {
-                if verbose {
-                    eprintln!("  {} {k}: {v:.2}", target.name());
+            let at = Endpoints {
+                ws: proxy.as_ref().map_or(ws_backend, |p| p.ws),
+                tcp: proxy.as_ref().map_or(tcp_backend, |p| p.tcp),
+                wss: proxy
+                    .as_ref()
+                    .and_then(|p| p.wss)
+                    .zip(certs.as_ref().map(|c| c.connector.clone())),
+                pid: proxy.as_ref().map(|p| p.child.id()),
+            };
+            running.push((target, at, proxy));
+        }
+        // Each test against every target back to back, so the figures a ratio compares were
+        // taken seconds apart, not minutes; the order turns each round, so no target always
+        // runs first (or right after the memory test's 9,000 connections).
+        let n = running.len();
+        for test in TESTS.iter().filter(|t| opts.wants(t)) {
+            for i in 0..n {
+                let (target, at, _) = &running[(round + i) % n];
+                let values = smol::block_on(ex.run(run_test(&ex, test, at, d, opts.idle)));
+                for (k, v) in values {
+                    if verbose {
+                        eprintln!("  {} {k}: {v:.2}", target.name());
+                    }
+                    results.insert((*target, k, round), v);
                 }
-                results.entry((target, k)).or_default().push(v);
             }
             eprintln!(
-                "round {}/{} {} done ({:.0} s)",
+                "round {}/{} {test} done ({:.0} s)",
                 round + 1,
                 opts.rounds,
-                target.name(),
                 started.elapsed().as_secs_f64()
             );
         }
@@ -1128,118 +1136,88 @@ fn main() {
     print_table(&targets, &results, &opts);
 }
 
-/// Every test against one target; failures are reported and leave their cells empty. `wss`
-/// is the target's TLS listener and how to reach it, if it has one.
-#[allow(clippy::too_many_arguments)]
-async fn run_target(
-    ex: &LocalExecutor<'_>,
+/// The tests, in the order each round runs them.
+const TESTS: &[&str] = &[
+    "idle", "echo64", "echo16k", "hs", "wss64", "wss_hs", "tcp1", "tcp8",
+];
+
+/// Every figure of the run: (target, metric, round) → value.
+type Results = BTreeMap<(Target, &'static str, usize), f64>;
+
+/// Where a test reaches one target: its listeners, and its process for the CPU and memory
+/// figures (none for the direct connection).
+struct Endpoints {
     ws: SocketAddr,
     tcp: SocketAddr,
+    /// The TLS-terminating listener and a client configured for it, if the target has one.
     wss: Option<(SocketAddr, TlsConnector)>,
     pid: Option<u32>,
+}
+
+/// One test against one target: its figures, named as the table's rows, with the proxy's CPU
+/// seconds during it. A test that does not apply (memory and TLS without a proxy, TLS without
+/// a TLS listener) gives none; one that fails is reported and gives none.
+async fn run_test(
+    ex: &LocalExecutor<'_>,
+    test: &str,
+    at: &Endpoints,
     d: Duration,
     idle: usize,
-    tests: Option<&[String]>,
-) -> Outcome {
-    let mut out = Outcome::default();
-    let on = |t: &str| tests.is_none_or(|ts| ts.iter().any(|x| x == t));
+) -> Vec<(&'static str, f64)> {
     let limit = d + Duration::from_secs(30);
-    let cpu = || pid.map_or(f64::NAN, cpu_secs);
-    if let Some(pid) = pid.filter(|_| on("idle")) {
-        match bounded(limit, async {
-            test_idle(ex, ws, pid, idle).await.map(|b| vec![b])
-        })
-        .await
-        {
-            Ok(v) => out.values.push(("idle", v[0] / 1024.0)),
-            Err(e) => eprintln!("  idle connections: {e}"),
-        }
-    }
-    for (name, size) in [("echo64", 64), ("echo16k", 16 * 1024)] {
-        if !on(name) {
-            continue;
-        }
-        let c0 = cpu();
-        match bounded(limit, async {
-            test_echo(ex, || ws_open(ws), size, d)
-                .await
-                .map(|(r, p50, p99)| vec![r, p50, p99])
-        })
-        .await
-        {
-            Ok(v) => {
-                let (p50, p99, c) = match name {
-                    "echo64" => ("echo64_p50", "echo64_p99", "cpu_echo64"),
-                    _ => ("echo16k_p50", "echo16k_p99", "cpu_echo16k"),
-                };
-                out.values.push((name, v[0]));
-                out.values.push((p50, v[1]));
-                out.values.push((p99, v[2]));
-                out.values.push((c, cpu() - c0));
-            }
-            Err(e) => eprintln!("  {name}: {e}"),
-        }
-    }
+    let cpu = || at.pid.map_or(f64::NAN, cpu_secs);
     let c0 = cpu();
-    match bounded(limit, async {
-        if !on("hs") {
-            return Err(other("skipped"));
-        }
-        test_handshakes(ex, move || ws_open(ws), d)
-            .await
-            .map(|r| vec![r])
-    })
-    .await
-    {
-        Ok(v) => {
-            out.values.push(("hs", v[0]));
-            out.values.push(("cpu_hs", cpu() - c0));
-        }
-        Err(e) if e.to_string() == "skipped" => {}
-        Err(e) => eprintln!("  handshakes: {e}"),
-    }
-    if let Some((wss, tls)) = wss.as_ref().filter(|_| on("wss64")) {
-        let c0 = cpu();
-        let open = || wss_open(*wss, tls.clone());
-        match bounded(limit, test_echo(ex, open, 64, d)).await {
-            Ok((r, p50, p99)) => {
-                out.values.push(("wss64", r));
-                out.values.push(("wss64_p50", p50));
-                out.values.push(("wss64_p99", p99));
-                out.values.push(("cpu_wss64", cpu() - c0));
+    let ws = at.ws;
+    let figures: io::Result<Vec<(&'static str, f64)>> = bounded(limit, async {
+        let echo =
+            |r: (f64, f64, f64), k: [&'static str; 3]| vec![(k[0], r.0), (k[1], r.1), (k[2], r.2)];
+        Ok(match (test, at.pid, &at.wss) {
+            ("idle", Some(pid), _) => {
+                vec![("idle", test_idle(ex, ws, pid, idle).await? / 1024.0)]
             }
-            Err(e) => eprintln!("  wss64: {e}"),
-        }
-    }
-    if let Some((wss, tls)) = wss.filter(|_| on("wss_hs")) {
-        let c0 = cpu();
-        let open = move || wss_open(wss, tls.clone());
-        match bounded(limit, test_handshakes(ex, open, d)).await {
-            Ok(r) => {
-                out.values.push(("wss_hs", r));
-                out.values.push(("cpu_wss_hs", cpu() - c0));
+            ("idle", None, _) => return Ok(vec![]),
+            ("echo64", ..) => echo(
+                test_echo(ex, || ws_open(ws), 64, d).await?,
+                ["echo64", "echo64_p50", "echo64_p99"],
+            ),
+            ("echo16k", ..) => echo(
+                test_echo(ex, || ws_open(ws), 16 * 1024, d).await?,
+                ["echo16k", "echo16k_p50", "echo16k_p99"],
+            ),
+            ("hs", ..) => vec![("hs", test_handshakes(ex, move || ws_open(ws), d).await?)],
+            ("wss64", _, Some((wss, tls))) => echo(
+                test_echo(ex, || wss_open(*wss, tls.clone()), 64, d).await?,
+                ["wss64", "wss64_p50", "wss64_p99"],
+            ),
+            ("wss_hs", _, Some((wss, tls))) => {
+                let (wss, tls) = (*wss, tls.clone());
+                let open = move || wss_open(wss, tls.clone());
+                vec![("wss_hs", test_handshakes(ex, open, d).await?)]
             }
-            Err(e) => eprintln!("  wss_hs: {e}"),
-        }
-    }
-    for (name, cname, conns) in [("tcp1", "cpu_tcp1", 1), ("tcp8", "cpu_tcp8", 8)] {
-        if !on(name) {
-            continue;
-        }
-        let c0 = cpu();
-        match bounded(limit, async {
-            test_tcp(ex, tcp, conns, d).await.map(|r| vec![r])
+            ("wss64" | "wss_hs", _, None) => return Ok(vec![]),
+            ("tcp1", ..) => vec![("tcp1", test_tcp(ex, at.tcp, 1, d).await? / 1e6)],
+            ("tcp8", ..) => vec![("tcp8", test_tcp(ex, at.tcp, 8, d).await? / 1e6)],
+            _ => unreachable!("a test named in TESTS"),
         })
-        .await
-        {
-            Ok(v) => {
-                out.values.push((name, v[0] / 1e6));
-                out.values.push((cname, cpu() - c0));
+    })
+    .await;
+    match figures {
+        Ok(mut v) => {
+            if at.pid.is_some() && test != "idle" && !v.is_empty() {
+                let key = ROWS
+                    .iter()
+                    .map(|(k, _)| *k)
+                    .find(|k| k.strip_prefix("cpu_") == Some(test))
+                    .expect("a CPU row for each test but memory");
+                v.push((key, cpu() - c0));
             }
-            Err(e) => eprintln!("  {name}: {e}"),
+            v
+        }
+        Err(e) => {
+            eprintln!("  {test}: {e}");
+            vec![]
         }
     }
-    out
 }
 
 async fn bounded<T>(
@@ -1283,10 +1261,11 @@ fn host_congestion_control() -> String {
     format!("{cc} (net.ipv4.tcp_congestion_control)")
 }
 
-fn print_table(targets: &[Target], results: &BTreeMap<(Target, &'static str), Vec<f64>>, o: &Opts) {
+fn print_table(targets: &[Target], results: &Results, o: &Opts) {
     println!(
         "\nportcullis benchmark: medians of {} round(s), {:.1} s per test, {} idle connections; \
-         ratios are to direct; TCP congestion control {}\n",
+         each test runs against every target back to back, and a ratio is the median of its \
+         rounds' ratios to direct; TCP congestion control {}\n",
         o.rounds,
         o.secs,
         o.idle,
@@ -1301,16 +1280,14 @@ fn print_table(targets: &[Target], results: &BTreeMap<(Target, &'static str), Ve
     }
     println!("{header}\n{rule}");
     for (key, label) in ROWS {
-        let direct = results.get(&(Target::Direct, *key)).map(|v| median(v));
         let mut line = format!("| {label:<32} |");
         for t in targets {
-            let cell = match results.get(&(*t, *key)) {
+            let cell = match paired(results, *t, key) {
                 None => "—".to_string(),
-                Some(v) => {
-                    let m = median(v);
-                    let ratio = match direct {
-                        Some(d) if *t != Target::Direct && d > 0.0 && !key.starts_with("cpu") => {
-                            format!(" ({:.2}×)", m / d)
+                Some((m, ratio)) => {
+                    let ratio = match ratio {
+                        Some(r) if *t != Target::Direct && !key.starts_with("cpu") => {
+                            format!(" ({r:.2}×)")
                         }
                         _ => String::new(),
                     };
@@ -1321,4 +1298,30 @@ fn print_table(targets: &[Target], results: &BTreeMap<(Target, &'static str), Ve
         }
         println!("{line}");
     }
+}
+
+/// A target's figure for one metric: the median over rounds, and the median of each round's
+/// ratio to the direct connection's figure in the same round (None without a direct figure).
+/// Paired this way, a drift of the machine between rounds cancels out of the ratio.
+fn paired(results: &Results, target: Target, key: &str) -> Option<(f64, Option<f64>)> {
+    let mine: Vec<(usize, f64)> = results
+        .iter()
+        .filter(|((t, k, _), _)| *t == target && *k == key)
+        .map(|((_, _, round), v)| (*round, *v))
+        .collect();
+    if mine.is_empty() {
+        return None;
+    }
+    let ratios: Vec<f64> = mine
+        .iter()
+        .filter_map(|(round, v)| {
+            let d = results.get(&(Target::Direct, key, *round))?;
+            (*d > 0.0).then(|| v / d)
+        })
+        .collect();
+    let values: Vec<f64> = mine.iter().map(|(_, v)| *v).collect();
+    Some((
+        median(&values),
+        (!ratios.is_empty()).then(|| median(&ratios)),
+    ))
 }
