@@ -634,7 +634,9 @@ struct Pinged {
     pings: f64,
 }
 
-fn pinged_then_idle(file: &str, top: &str, gap: Duration) -> Pinged {
+/// The binary with `top` heading a config of one TCP section "t" in front of an echo backend,
+/// and an admin endpoint; with the endpoint's address.
+fn echo_proxy_with_admin(file: &str, top: &str) -> (Running, SocketAddr) {
     let backend = echo_backend();
     let path = config_file(
         file,
@@ -645,6 +647,11 @@ fn pinged_then_idle(file: &str, top: &str, gap: Duration) -> Pinged {
     );
     let proxy = start(&["-c", path.to_str().unwrap()], 1);
     let admin = proxy.admin(1);
+    (proxy, admin)
+}
+
+fn pinged_then_idle(file: &str, top: &str, gap: Duration) -> Pinged {
+    let (proxy, admin) = echo_proxy_with_admin(file, top);
     let waits = || thread_waits(admin);
     let mut client = TcpStream::connect(proxy.addr("t")).unwrap();
     client.set_nodelay(true).unwrap();
@@ -714,16 +721,7 @@ fn a_wait_counts_as_slept_only_when_the_thread_really_sleeps() {
     // those waits return at once and are no sleep. (Counted as sleeps, they made the metric
     // read 2.5-5x the process's blocking count here; now about 0.75x, as other threads block
     // too.)
-    let backend = echo_backend();
-    let path = config_file(
-        "waits-busy.toml",
-        &format!(
-            "busy_poll_us = 0\n[admin]\nlisten = \"127.0.0.1:0\"\n\
-             [[tcp_proxy]]\nname = \"t\"\nlisten = \"127.0.0.1:0\"\nbackends = [\"{backend}\"]\n"
-        ),
-    );
-    let proxy = start(&["-c", path.to_str().unwrap()], 1);
-    let admin = proxy.admin(1);
+    let (proxy, admin) = echo_proxy_with_admin("waits-busy.toml", "busy_poll_us = 0");
     let addr = proxy.addr("t");
     let pid = proxy.child.id();
     let (_, slept) = thread_waits(admin);
