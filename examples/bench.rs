@@ -32,7 +32,9 @@
 //!   front of the same plain backend; the client (futures-rustls, trusting that CA) resumes no
 //!   sessions, so every handshake is a full one. Targets that cannot listen with TLS (and the
 //!   direct connection, whose backend speaks none) leave these rows empty;
-//! - the proxy's CPU seconds for each test (utime + stime from /proc/<pid>/stat).
+//! - the proxy's CPU seconds for each test (utime + stime from /proc/<pid>/stat); for
+//!   portcullis also, in parentheses, the same less the time it spent polling for work
+//!   (`portcullis_thread_polling_seconds_total`, from an admin endpoint added to its config).
 //!
 //! The client frames are written by hand (masked, as RFC 6455 requires), so the load generator
 //! costs as little as it can. The backends and nginx/HAProxy configurations are in this file.
@@ -673,6 +675,8 @@ struct Proxy {
     tcp: SocketAddr,
     /// The TLS-terminating WebSocket listener, when the proxy was started with one.
     wss: Option<SocketAddr>,
+    /// portcullis's admin endpoint, for the time it spent polling.
+    admin: Option<SocketAddr>,
 }
 
 /// The TLS material made at start: a private CA and a `localhost` certificate it signed,
@@ -740,6 +744,7 @@ fn start_proxy(
     tls: Option<&Certs>,
 ) -> io::Result<Proxy> {
     let (pw, pt) = (free_port(), free_port());
+    let mut admin = None;
     let ws: SocketAddr = format!("127.0.0.1:{pw}").parse().unwrap();
     let tcp: SocketAddr = format!("127.0.0.1:{pt}").parse().unwrap();
     let wss: Option<SocketAddr> =
@@ -769,10 +774,19 @@ fn start_proxy(
                 _ => std::env::var("BENCH_SECTION_CONFIG"),
             }
             .unwrap_or_default();
+            // An admin endpoint, for `portcullis_thread_polling_seconds_total`, unless the
+            // configuration given has its own.
+            let admin_table = if top.contains("admin") {
+                String::new()
+            } else {
+                let a: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+                admin = Some(a);
+                format!("\n[admin]\nlisten = \"{a}\"\n")
+            };
             std::fs::write(
                 &file,
                 format!(
-                    "{top}\n[[ws_proxy]]\nlisten = \"{ws}\"\nbackends = [\"{ws_backend}\"]\n{each}\n\n\
+                    "{top}\n{admin_table}\n[[ws_proxy]]\nlisten = \"{ws}\"\nbackends = [\"{ws_backend}\"]\n{each}\n\n\
                      [[tcp_proxy]]\nlisten = \"{tcp}\"\nbackends = [\"{tcp_backend}\"]\n{each}\n{}",
                     match (wss, tls) {
                         (Some(wss), Some(c)) => format!(
@@ -878,6 +892,7 @@ fn start_proxy(
         ws,
         tcp,
         wss,
+        admin,
     };
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(ws).is_err()
@@ -1017,6 +1032,27 @@ const ROWS: &[(&str, &str)] = &[
     ("cpu_tcp8", "proxy CPU s: TCP 8 conns"),
 ];
 
+/// For each CPU row, the key of portcullis's CPU seconds less the time it polled for work
+/// (`portcullis_thread_polling_seconds_total`), shown in the same cell.
+const WORKING: &[(&str, &str)] = &[
+    ("cpu_echo64", "working_echo64"),
+    ("cpu_echo16k", "working_echo16k"),
+    ("cpu_hs", "working_hs"),
+    ("cpu_wss64", "working_wss64"),
+    ("cpu_wss_hs", "working_wss_hs"),
+    ("cpu_tcp1", "working_tcp1"),
+    ("cpu_tcp8", "working_tcp8"),
+];
+
+/// [`WORKING`]'s key for a CPU row's.
+fn polling_key(cpu_key: &str) -> &'static str {
+    WORKING
+        .iter()
+        .find(|(c, _)| *c == cpu_key)
+        .map(|(_, w)| *w)
+        .expect("a CPU row")
+}
+
 fn main() {
     if std::env::args().nth(1).as_deref() == Some("--backends") {
         return run_backends();
@@ -1106,6 +1142,7 @@ fn main() {
                     .and_then(|p| p.wss)
                     .zip(certs.as_ref().map(|c| c.connector.clone())),
                 pid: proxy.as_ref().map(|p| p.child.id()),
+                admin: proxy.as_ref().and_then(|p| p.admin),
             };
             running.push((target, at, proxy));
         }
@@ -1152,6 +1189,32 @@ struct Endpoints {
     /// The TLS-terminating listener and a client configured for it, if the target has one.
     wss: Option<(SocketAddr, TlsConnector)>,
     pid: Option<u32>,
+    /// portcullis's admin endpoint (none for other targets, and for a build without it).
+    admin: Option<SocketAddr>,
+}
+
+/// The seconds portcullis has spent polling for work (`busy_poll_us`), from its admin
+/// endpoint; NaN if it does not say (a build from before the metric).
+fn polling_secs(admin: SocketAddr) -> f64 {
+    let get = || -> io::Result<String> {
+        let mut s = std::net::TcpStream::connect(admin)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        io::Write::write_all(
+            &mut s,
+            b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n",
+        )?;
+        let mut text = String::new();
+        io::Read::read_to_string(&mut s, &mut text)?;
+        Ok(text)
+    };
+    get()
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("portcullis_thread_polling_seconds_total "))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(f64::NAN)
 }
 
 /// One test against one target: its figures, named as the table's rows, with the proxy's CPU
@@ -1166,6 +1229,8 @@ async fn run_test(
 ) -> Vec<(&'static str, f64)> {
     let limit = d + Duration::from_secs(30);
     let cpu = || at.pid.map_or(f64::NAN, cpu_secs);
+    let polling = || at.admin.map_or(f64::NAN, polling_secs);
+    let p0 = polling();
     let c0 = cpu();
     let ws = at.ws;
     let figures: io::Result<Vec<(&'static str, f64)>> = bounded(limit, async {
@@ -1209,7 +1274,12 @@ async fn run_test(
                     .map(|(k, _)| *k)
                     .find(|k| k.strip_prefix("cpu_") == Some(test))
                     .expect("a CPU row for each test but memory");
-                v.push((key, cpu() - c0));
+                let c = cpu() - c0;
+                v.push((key, c));
+                let polled = polling() - p0;
+                if polled.is_finite() {
+                    v.push((polling_key(key), c - polled));
+                }
             }
             v
         }
@@ -1265,7 +1335,8 @@ fn print_table(targets: &[Target], results: &Results, o: &Opts) {
     println!(
         "\nportcullis benchmark: medians of {} round(s), {:.1} s per test, {} idle connections; \
          each test runs against every target back to back, and a ratio is the median of its \
-         rounds' ratios to direct; TCP congestion control {}\n",
+         rounds' ratios to direct; CPU in parentheses: less the time portcullis polled for \
+         work (busy_poll_us); TCP congestion control {}\n",
         o.rounds,
         o.secs,
         o.idle,
@@ -1291,7 +1362,14 @@ fn print_table(targets: &[Target], results: &Results, o: &Opts) {
                         }
                         _ => String::new(),
                     };
-                    format!("{}{ratio}", fmt_value(key, m))
+                    // portcullis's CPU less the time it polled for work, beside its CPU.
+                    let working = if key.starts_with("cpu_") {
+                        paired(results, *t, polling_key(key))
+                            .map_or(String::new(), |(w, _)| format!(" ({w:.2})"))
+                    } else {
+                        String::new()
+                    };
+                    format!("{}{ratio}{working}", fmt_value(key, m))
                 }
             };
             line += &format!(" {cell:>width$} |");

@@ -26,7 +26,8 @@
 //!
 //! plus `portcullis_build_info`, and on Linux the usual `process_*` series and
 //! `portcullis_thread_waits_total{how="polled"|"slept"}`: how often the proxy's threads ran out
-//! of work, and whether busy polling (`busy_poll_us`) or a sleep saw the next work come.
+//! of work, and whether busy polling (`busy_poll_us`) or a sleep saw the next work come; and
+//! `portcullis_thread_polling_seconds_total`, the time they spent polling.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -576,6 +577,15 @@ fn render_at(now: Instant) -> String {
         let (polled, slept) = crate::reactor::waits();
         out.sample(name, &[("how", "polled")], polled);
         out.sample(name, &[("how", "slept")], slept);
+        let name = "portcullis_thread_polling_seconds_total";
+        out.family(
+            name,
+            "counter",
+            "Time the proxy's threads spent polling for work (busy_poll_us), by the clock. \
+             On a core of their own, CPU time that waited for work rather than did it; on a \
+             shared core they yield between polls, so part of it went to other processes.",
+        );
+        out.sample(name, &[], crate::reactor::polling_time().as_secs_f64());
     }
 
     process(&mut out);

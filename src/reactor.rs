@@ -490,13 +490,16 @@ impl Reactor {
         }
         if window > 0 {
             let start = Instant::now();
-            while start.elapsed().as_nanos() < u128::from(window) {
+            let mut found = false;
+            while !found && start.elapsed().as_nanos() < u128::from(window) {
                 std::thread::yield_now();
                 self.turn(false);
-                if woken.load(SeqCst) {
-                    WAITS[POLLED].fetch_add(1, Relaxed);
-                    return;
-                }
+                found = woken.load(SeqCst);
+            }
+            POLLING_NS.fetch_add(nanos(start.elapsed()), Relaxed);
+            if found {
+                WAITS[POLLED].fetch_add(1, Relaxed);
+                return;
             }
         }
         let slept_from = Instant::now();
@@ -506,7 +509,7 @@ impl Reactor {
         }
         self.turn(block);
         if most > 0 {
-            let slept = slept_from.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
+            let slept = nanos(slept_from.elapsed());
             WINDOW.with(|w| w.set(next_window(window, slept, most)));
         }
     }
@@ -535,6 +538,20 @@ pub(crate) fn waits() -> (u64, u64) {
     (WAITS[POLLED].load(Relaxed), WAITS[SLEPT].load(Relaxed))
 }
 
+/// Nanoseconds [`block_on`] threads have spent polling for work. For the metrics.
+static POLLING_NS: AtomicU64 = AtomicU64::new(0);
+
+/// How long the proxy's threads have spent polling for work (`busy_poll_us`): CPU time that
+/// bought a quicker start on the next work rather than doing any, on a core of their own.
+pub(crate) fn polling_time() -> Duration {
+    Duration::from_nanos(POLLING_NS.load(Relaxed))
+}
+
+/// `d` in nanoseconds, saturating.
+fn nanos(d: Duration) -> u64 {
+    d.as_nanos().min(u128::from(u64::MAX)) as u64
+}
+
 /// The window a polling window grows from: 10 µs, or the most if that is less.
 const FIRST_WINDOW_NS: u64 = 10_000;
 
@@ -551,7 +568,7 @@ std::thread_local! {
 /// at once. Zero is off, and is where it starts: the config's `busy_poll_us` (default 100)
 /// sets it, the builders do not.
 pub(crate) fn set_busy_poll(d: Duration) {
-    BUSY_POLL_NS.store(d.as_nanos().min(u128::from(u64::MAX)) as u64, Relaxed);
+    BUSY_POLL_NS.store(nanos(d), Relaxed);
 }
 
 /// A thread's next polling window, after polling for `window` found nothing and the thread
